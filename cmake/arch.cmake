@@ -1,0 +1,47 @@
+# Instruction-set selection for the kernels (KSAE_ARCH):
+#   auto (default)  x86-64-v3 (AVX2 + FMA) when the compiler accepts it and the building CPU
+#                   runs it, else the compiler's default. A local build runs where it was built;
+#                   see benchmarks/RESULTS.md for why v3 rather than v4 or native.
+#   portable        the compiler's default target: a binary for any CPU of the architecture.
+#   native | x86-64-v2 | x86-64-v3 | x86-64-v4   exactly that -march.
+include(CheckCXXCompilerFlag)
+
+function(ksae_host_runs_x86_64_v3 result)
+  set(src "${CMAKE_CURRENT_BINARY_DIR}/ksae_cpu_check.cpp")
+  file(WRITE "${src}" "int main() { __builtin_cpu_init(); return __builtin_cpu_supports(\"x86-64-v3\") ? 0 : 1; }\n")
+  try_run(run_rc compile_ok "${CMAKE_CURRENT_BINARY_DIR}/ksae_cpu_check" "${src}")
+  if(compile_ok AND ("${run_rc}" STREQUAL "0"))
+    set(${result} TRUE PARENT_SCOPE)
+  else()
+    set(${result} FALSE PARENT_SCOPE)
+  endif()
+endfunction()
+
+function(ksae_arch_flags target arch)
+  if(arch STREQUAL "auto")
+    set(arch "portable")
+    if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$" AND NOT CMAKE_CROSSCOMPILING)
+      ksae_host_runs_x86_64_v3(host_v3)
+      if(host_v3)
+        set(arch "x86-64-v3")
+      endif()
+    endif()
+  endif()
+  if(NOT arch STREQUAL "portable")
+    if(arch STREQUAL "native")
+      set(flag "-march=native")
+    else()
+      set(flag "-march=${arch}")
+    endif()
+    string(MAKE_C_IDENTIFIER "KSAE_HAS_${flag}" var)
+    check_cxx_compiler_flag("${flag}" ${var})
+    if(${var})
+      target_compile_options(${target} PRIVATE ${flag})
+    else()
+      message(WARNING "${flag} is not supported by this compiler: building portable")
+      set(arch "portable")
+    endif()
+  endif()
+  message(STATUS "ksae: instruction set ${arch}")
+  target_compile_definitions(${target} PRIVATE KSAE_ARCH="${arch}")
+endfunction()

@@ -1,0 +1,382 @@
+// The only pybind11 file: checks every array (dtype, shape, layout), releases the GIL and calls
+// a kernel from cpp/ksae. It holds no model logic and makes no copies: a wrongly typed or
+// non-contiguous array is an error, never silently converted.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "ksae/backward.hpp"
+#include "ksae/encode.hpp"
+#include "ksae/optim.hpp"
+
+namespace py = pybind11;
+using ksae::Index;
+using ksae::LatentIndex;
+
+namespace {
+
+constexpr Index kAny = -1;
+
+std::string shape_str(const std::vector<Index>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s << ", ";
+    if (shape[i] == kAny) s << "*"; else s << shape[i];
+  }
+  if (shape.size() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+template <class T> const char* dtype_name();
+template <> const char* dtype_name<float>() { return "float32"; }
+template <> const char* dtype_name<double>() { return "float64"; }
+template <> const char* dtype_name<LatentIndex>() { return "int64"; }
+
+// Returns the data pointer of `obj` after checking that it is a C-contiguous array of T with
+// the expected shape (kAny matches any extent). Throws TypeError/ValueError naming `name`.
+template <class T>
+T* checked(const py::handle& obj, const char* name, const std::vector<Index>& shape,
+           bool writable = false) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(obj.get_type().attr("__name__"))));
+  }
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  std::vector<Index> actual(arr.shape(), arr.shape() + arr.ndim());
+  auto describe = [&]() {
+    return std::string(name) + ": expected a C-contiguous " + dtype_name<T>() + " array of shape " +
+           shape_str(shape) + ", got a " + std::string(py::str(arr.dtype())) + " array of shape " +
+           shape_str(actual);
+  };
+  if (!py::isinstance<py::array_t<T>>(arr)) throw py::type_error(describe());
+  bool ok = actual.size() == shape.size();
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || shape[i] == actual[i];
+  if (!ok) throw py::value_error(describe());
+  if (!(arr.flags() & py::array::c_style)) throw py::value_error(describe() + " (not C-contiguous)");
+  if (writable && !arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+  return static_cast<T*>(const_cast<void*>(arr.data()));
+}
+
+Index dim(const py::handle& obj, int axis) {
+  return py::reinterpret_borrow<py::array>(obj).shape(axis);
+}
+
+void check_2d(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(obj.get_type().attr("__name__"))));
+  }
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() != 2) {
+    throw py::value_error(std::string(name) + ": expected a 2-D array, got " +
+                          std::to_string(arr.ndim()) + "-D");
+  }
+}
+
+ksae::Activation parse_activation(const std::string& name) {
+  if (name == "relu") return ksae::Activation::relu;
+  if (name == "linear") return ksae::Activation::linear;
+  if (name == "sigmoid") return ksae::Activation::sigmoid;
+  if (name == "tanh") return ksae::Activation::tanh;
+  throw py::value_error("activation: expected one of 'relu', 'linear', 'sigmoid', 'tanh', got '" +
+                        name + "'");
+}
+
+void check_indices(const LatentIndex* idx, Index count, Index k, Index n_latents) {
+  for (Index p = 0; p < count; ++p) {
+    if (idx[p] < 0 || idx[p] >= n_latents) {
+      throw py::value_error("indices: entry (" + std::to_string(p / k) + ", " +
+                            std::to_string(p % k) + ") = " + std::to_string(idx[p]) +
+                            " is outside [0, " + std::to_string(n_latents) + ")");
+    }
+  }
+}
+
+bool is_float32(const py::handle& obj) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  return py::isinstance<py::array_t<float>>(obj);
+}
+
+template <class T>
+py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
+                      const py::object& b_dec, Index k, const std::string& activation,
+                      int n_threads, const py::object& centered, const py::object& pre) {
+  check_2d(W_enc_t, "W_enc_t");
+  check_2d(X, "X");
+  const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
+  const auto act = parse_activation(activation);
+  if (k < 1 || k > n) {
+    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n) + ", got " +
+                          std::to_string(k));
+  }
+  const T* x = checked<T>(X, "X", {kAny, d});
+  const T* w = checked<T>(W_enc_t, "W_enc_t", {n, d});
+  const T* be = checked<T>(b_enc, "b_enc", {n});
+  const T* bd = checked<T>(b_dec, "b_dec", {d});
+  py::array_t<T> centered_arr, pre_arr;
+  T* c = centered.is_none()
+             ? (centered_arr = py::array_t<T>({batch, d})).mutable_data()
+             : checked<T>(centered, "centered", {batch, d}, true);
+  T* p = pre.is_none() ? (pre_arr = py::array_t<T>({batch, n})).mutable_data()
+                       : checked<T>(pre, "pre", {batch, n}, true);
+  py::array_t<T> values({batch, k});
+  py::array_t<LatentIndex> indices({batch, k});
+  T* v = values.mutable_data();
+  LatentIndex* ix = indices.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ksae::encode_topk<T>(x, batch, d, w, be, bd, n, k, act, n_threads, c, p, v, ix);
+  }
+  return py::make_tuple(values, indices);
+}
+
+template <class T>
+py::array decode_impl(const py::object& values, const py::object& indices,
+                      const py::object& W_dec, const py::object& b_dec, int n_threads,
+                      const py::object& out) {
+  check_2d(W_dec, "W_dec");
+  check_2d(values, "values");
+  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
+  const T* v = checked<T>(values, "values", {batch, k});
+  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
+  const T* w = checked<T>(W_dec, "W_dec", {n, d});
+  const T* bd = checked<T>(b_dec, "b_dec", {d});
+  check_indices(ix, batch * k, k, n);
+  py::array_t<T> out_arr;
+  T* o;
+  if (out.is_none()) {
+    out_arr = py::array_t<T>({batch, d});
+    o = out_arr.mutable_data();
+  } else {
+    o = checked<T>(out, "out", {batch, d}, true);
+    out_arr = py::reinterpret_borrow<py::array_t<T>>(out);
+  }
+  {
+    py::gil_scoped_release release;
+    ksae::decode_sparse<T>(v, ix, batch, k, w, bd, d, n_threads, o);
+  }
+  return out_arr;
+}
+
+template <class T>
+void backward_impl(const py::object& grad_out, const py::object& centered,
+                   const py::object& values, const py::object& indices,
+                   const py::object& W_enc_t, const py::object& W_dec,
+                   const std::string& activation, bool project_decoder_grad, int n_threads,
+                   const py::object& grad_W_enc_t, const py::object& grad_b_enc,
+                   const py::object& grad_W_dec, const py::object& grad_b_dec) {
+  check_2d(W_dec, "W_dec");
+  check_2d(values, "values");
+  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
+  const auto act = parse_activation(activation);
+  const T* g = checked<T>(grad_out, "grad_out", {batch, d});
+  const T* c = checked<T>(centered, "centered", {batch, d});
+  const T* v = checked<T>(values, "values", {batch, k});
+  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
+  const T* we = checked<T>(W_enc_t, "W_enc_t", {n, d});
+  const T* wd = checked<T>(W_dec, "W_dec", {n, d});
+  T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {n, d}, true);
+  T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {n}, true);
+  T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {n, d}, true);
+  T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {d}, true);
+  check_indices(ix, batch * k, k, n);
+  py::gil_scoped_release release;
+  ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d, act, project_decoder_grad,
+                         n_threads, gwe, gbe, gwd, gbd);
+}
+
+// Shape of a parameter as (rows, cols): a vector is one row.
+std::vector<Index> param_shape(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(obj.get_type().attr("__name__"))));
+  }
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() < 1 || arr.ndim() > 2) {
+    throw py::value_error(std::string(name) + ": expected a 1-D or 2-D array, got " +
+                          std::to_string(arr.ndim()) + "-D");
+  }
+  return std::vector<Index>(arr.shape(), arr.shape() + arr.ndim());
+}
+
+std::pair<Index, Index> rows_cols(const std::vector<Index>& shape) {
+  return shape.size() == 1 ? std::make_pair(Index(1), shape[0]) : std::make_pair(shape[0], shape[1]);
+}
+
+template <class T>
+void adam_impl(const py::object& param, const py::object& grad, const py::object& m,
+               const py::object& v, const ksae::AdamSettings& s, bool unit_norm_rows,
+               int n_threads) {
+  const auto shape = param_shape(param, "param");
+  T* p = checked<T>(param, "param", shape, true);
+  const T* g = checked<T>(grad, "grad", shape);
+  T* mm = checked<T>(m, "exp_avg", shape, true);
+  T* vv = checked<T>(v, "exp_avg_sq", shape, true);
+  const auto [rows, cols] = rows_cols(shape);
+  py::gil_scoped_release release;
+  ksae::adam_update<T>(p, g, mm, vv, rows, cols, s, unit_norm_rows, n_threads);
+}
+
+template <class T>
+void sgd_impl(const py::object& param, const py::object& grad, const py::object& buf,
+              const ksae::SgdSettings& s, bool unit_norm_rows, int n_threads) {
+  const auto shape = param_shape(param, "param");
+  T* p = checked<T>(param, "param", shape, true);
+  const T* g = checked<T>(grad, "grad", shape);
+  T* b = buf.is_none() ? nullptr : checked<T>(buf, "momentum_buffer", shape, true);
+  if (b == nullptr && s.momentum != 0.0) {
+    throw py::value_error("momentum_buffer: required when momentum != 0");
+  }
+  const auto [rows, cols] = rows_cols(shape);
+  py::gil_scoped_release release;
+  ksae::sgd_update<T>(p, g, b, rows, cols, s, unit_norm_rows, n_threads);
+}
+
+void check_adam(const ksae::AdamSettings& s) {
+  if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
+  if (!(s.beta1 >= 0 && s.beta1 < 1)) throw py::value_error("beta1: expected 0 <= beta1 < 1");
+  if (!(s.beta2 >= 0 && s.beta2 < 1)) throw py::value_error("beta2: expected 0 <= beta2 < 1");
+  if (!(s.eps > 0)) throw py::value_error("eps: expected a value > 0");
+  if (s.step < 1) throw py::value_error("step: expected an update count >= 1");
+}
+
+// The vector instruction sets this build was compiled for (Eigen's own string omits AVX2/FMA).
+std::string simd_in_use() {
+  const char* sets[] = {
+#if defined(__AVX512F__)
+      "AVX-512F",
+#endif
+#if defined(__AVX2__)
+      "AVX2",
+#endif
+#if defined(__FMA__)
+      "FMA",
+#endif
+#if defined(__AVX__)
+      "AVX",
+#endif
+#if defined(__SSE4_2__)
+      "SSE4.2",
+#endif
+#if defined(__SSE2__)
+      "SSE2",
+#endif
+#if defined(__ARM_NEON)
+      "NEON",
+#endif
+      nullptr};
+  std::string s;
+  for (const char** p = sets; *p; ++p) s += (s.empty() ? "" : ", ") + std::string(*p);
+  return s.empty() ? std::string("none") : s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "ksae's C++ kernels (private: use the ksae package).";
+
+  m.def("has_openmp", &ksae::has_openmp, "Whether the core was built with OpenMP.");
+  m.def("max_threads", [] { return ksae::resolve_threads(0); },
+        "Threads a kernel uses when n_threads <= 0.");
+  m.def("build_info", [] {
+    py::dict info;
+    info["openmp"] = ksae::has_openmp();
+    info["max_threads"] = ksae::resolve_threads(0);
+    info["simd"] = simd_in_use();
+    info["eigen"] = std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +
+                    "." + std::to_string(EIGEN_MINOR_VERSION);
+#ifdef KSAE_ARCH
+    info["arch"] = std::string(KSAE_ARCH);
+#endif
+    return info;
+  });
+
+  m.def(
+      "encode",
+      [](const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
+         const py::object& b_dec, Index k, const std::string& activation, int n_threads,
+         const py::object& centered, const py::object& pre) {
+        return is_float32(X) ? encode_impl<float>(X, W_enc_t, b_enc, b_dec, k, activation,
+                                                  n_threads, centered, pre)
+                             : encode_impl<double>(X, W_enc_t, b_enc, b_dec, k, activation,
+                                                   n_threads, centered, pre);
+      },
+      py::arg("X"), py::arg("W_enc_t"), py::arg("b_enc"), py::arg("b_dec"), py::arg("k"),
+      py::arg("activation") = "relu", py::arg("n_threads") = 0,
+      py::arg("centered") = py::none(), py::arg("pre") = py::none(),
+      "TopK encode: (values, indices) of the k largest entries per row of\n"
+      "(X - b_dec) @ W_enc_t.T + b_enc, values passed through the activation, ordered by\n"
+      "decreasing pre-activation (the lower index first on ties). `centered` (batch x d_in)\n"
+      "receives X - b_dec; `pre` (batch x n_latents) is scratch space. Both are allocated\n"
+      "when None.");
+
+  m.def(
+      "decode",
+      [](const py::object& values, const py::object& indices, const py::object& W_dec,
+         const py::object& b_dec, int n_threads, const py::object& out) {
+        return is_float32(values) ? decode_impl<float>(values, indices, W_dec, b_dec, n_threads, out)
+                                  : decode_impl<double>(values, indices, W_dec, b_dec, n_threads, out);
+      },
+      py::arg("values"), py::arg("indices"), py::arg("W_dec"), py::arg("b_dec"),
+      py::arg("n_threads") = 0, py::arg("out") = py::none(),
+      "Sparse decode: dense(values, indices) @ W_dec + b_dec at batch*k*d_in cost.");
+
+  m.def(
+      "backward",
+      [](const py::object& grad_out, const py::object& centered, const py::object& values,
+         const py::object& indices, const py::object& W_enc_t, const py::object& W_dec,
+         const std::string& activation, bool project_decoder_grad, int n_threads,
+         const py::object& gwe, const py::object& gbe, const py::object& gwd,
+         const py::object& gbd) {
+        if (is_float32(values)) {
+          backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
+                               project_decoder_grad, n_threads, gwe, gbe, gwd, gbd);
+        } else {
+          backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
+                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd);
+        }
+      },
+      py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
+      py::arg("W_enc_t"), py::arg("W_dec"), py::arg("activation"),
+      py::arg("project_decoder_grad"), py::arg("n_threads"), py::arg("grad_W_enc_t"),
+      py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
+      "TopK backward: writes the gradients of W_enc (transposed), b_enc, W_dec and b_dec\n"
+      "given grad_out = dL/dX_hat, touching only the selected entries.");
+
+  m.def(
+      "adam_update",
+      [](const py::object& param, const py::object& grad, const py::object& exp_avg,
+         const py::object& exp_avg_sq, double lr, double beta1, double beta2, double eps,
+         double weight_decay, long long step, bool unit_norm_rows, int n_threads) {
+        const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
+        check_adam(s);
+        if (is_float32(param)) adam_impl<float>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads);
+        else adam_impl<double>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+      py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("step"), py::arg("unit_norm_rows") = false,
+      py::arg("n_threads") = 0,
+      "One fused Adam/AdamW update in place (PyTorch's formulation); `step` counts from 1.");
+
+  m.def(
+      "sgd_update",
+      [](const py::object& param, const py::object& grad, const py::object& momentum_buffer,
+         double lr, double momentum, bool nesterov, double weight_decay, bool unit_norm_rows,
+         int n_threads) {
+        if (!(lr >= 0)) throw py::value_error("lr: expected a value >= 0");
+        const ksae::SgdSettings s{lr, momentum, weight_decay, nesterov};
+        if (is_float32(param)) sgd_impl<float>(param, grad, momentum_buffer, s, unit_norm_rows, n_threads);
+        else sgd_impl<double>(param, grad, momentum_buffer, s, unit_norm_rows, n_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("lr"),
+      py::arg("momentum"), py::arg("nesterov"), py::arg("weight_decay"),
+      py::arg("unit_norm_rows") = false, py::arg("n_threads") = 0,
+      "One fused SGD (momentum, Nesterov) update in place (PyTorch's formulation).");
+}

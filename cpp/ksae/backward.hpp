@@ -1,0 +1,116 @@
+// Backward pass of a TopK autoencoder: every term after the forward product is sparse.
+#pragma once
+
+#include "common.hpp"
+
+#include <vector>
+
+namespace ksae {
+
+// The selected (row, slot) pairs grouped by latent, rows in increasing order within a latent:
+// entries[offsets[j] .. offsets[j+1]) are the flat positions r*k+s with indices[r, s] == j.
+// Grouping by latent lets each thread own whole gradient rows: no races, no atomics, and
+// the same summation order for any thread count.
+struct LatentGroups {
+  std::vector<Index> offsets;
+  std::vector<Index> entries;
+
+  void build(const LatentIndex* indices, Index count, Index n_latents) {
+    offsets.assign(static_cast<size_t>(n_latents) + 1, 0);
+    for (Index p = 0; p < count; ++p) ++offsets[indices[p] + 1];
+    for (Index j = 0; j < n_latents; ++j) offsets[j + 1] += offsets[j];
+    entries.resize(static_cast<size_t>(count));
+    std::vector<Index> next(offsets.begin(), offsets.end() - 1);
+    for (Index p = 0; p < count; ++p) entries[next[indices[p]]++] = p;
+  }
+};
+
+// Gradients of a loss L with respect to the parameters, given grad_out = dL/dX_hat:
+//     dpre          = (grad_out @ W_dec.T) * act'(pre), kept on the selected entries only
+//     grad_W_dec    = dense(values).T @ grad_out
+//     grad_W_enc_t  = dense(dpre).T @ centered           (the transpose of dL/dW_enc)
+//     grad_b_enc    = dense(dpre).sum(axis=0)
+//     grad_b_dec    = grad_out.sum(axis=0) - grad_b_enc @ W_enc_t
+// where dense(.) scatters a (batch x k) array into (batch x n_latents) along `indices`.
+// With project_decoder_grad, each grad_W_dec row loses its component along W_dec's row, so a
+// step keeps unit-norm decoder rows on the sphere to first order.
+// All outputs are overwritten, latents that no row selected get zero rows.
+template <class T>
+void backward_topk(const T* grad_out, const T* centered, const T* values,
+                   const LatentIndex* indices, Index batch, Index k, const T* W_enc_t,
+                   const T* W_dec, Index n_latents, Index d_in, Activation act,
+                   bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
+                   T* grad_W_dec, T* grad_b_dec) {
+  using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  using ConstRow = Eigen::Map<const RowVec>;
+  using Row = Eigen::Map<RowVec>;
+  const int nt = resolve_threads(n_threads);
+  const Index count = batch * k;
+  std::vector<T> dpre(static_cast<size_t>(count));
+  LatentGroups groups;
+  groups.build(indices, count, n_latents);
+
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (Index p = 0; p < count; ++p) {
+      const Index r = p / k;
+      const T dz = ConstRow(grad_out + r * d_in, d_in).dot(ConstRow(W_dec + indices[p] * d_in, d_in));
+      dpre[p] = dz * activation_derivative(act, values[p]);
+    }
+
+#pragma omp for schedule(dynamic, 64)
+    for (Index j = 0; j < n_latents; ++j) {
+      Row gd(grad_W_dec + j * d_in, d_in);
+      Row ge(grad_W_enc_t + j * d_in, d_in);
+      const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
+      if (begin == end) {
+        gd.setZero();
+        ge.setZero();
+        grad_b_enc[j] = T(0);
+        continue;
+      }
+      T gb = T(0);
+      for (Index e = begin; e < end; ++e) {
+        const Index p = groups.entries[e];
+        const Index r = p / k;
+        if (e == begin) {
+          gd.noalias() = values[p] * ConstRow(grad_out + r * d_in, d_in);
+          ge.noalias() = dpre[p] * ConstRow(centered + r * d_in, d_in);
+        } else {
+          gd.noalias() += values[p] * ConstRow(grad_out + r * d_in, d_in);
+          ge.noalias() += dpre[p] * ConstRow(centered + r * d_in, d_in);
+        }
+        gb += dpre[p];
+      }
+      grad_b_enc[j] = gb;
+      if (project_decoder_grad) {
+        ConstRow w(W_dec + j * d_in, d_in);
+        const T ww = w.squaredNorm();
+        if (ww > T(0)) gd.noalias() -= (gd.dot(w) / ww) * w;
+      }
+    }
+    // implicit barrier: grad_b_enc is complete.
+
+    // grad_b_dec, split by feature columns so each thread owns its outputs.
+    int tid = 0, nth = 1;
+#ifdef KSAE_HAVE_OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    Index c0, c1;
+    split_range(d_in, nth, tid, &c0, &c1, 16);
+    if (c1 > c0) {
+      const Index w = c1 - c0;
+      Row acc(grad_b_dec + c0, w);
+      acc.setZero();
+      for (Index r = 0; r < batch; ++r) acc.noalias() += ConstRow(grad_out + r * d_in + c0, w);
+      for (Index j = 0; j < n_latents; ++j) {
+        if (groups.offsets[j] == groups.offsets[j + 1]) continue;
+        acc.noalias() -= grad_b_enc[j] * ConstRow(W_enc_t + j * d_in + c0, w);
+      }
+    }
+  }
+}
+
+}  // namespace ksae

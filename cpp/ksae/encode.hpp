@@ -1,0 +1,80 @@
+// Forward pass of a TopK autoencoder: the one dense product, the selection and the sparse decode.
+#pragma once
+
+#include "common.hpp"
+#include "topk.hpp"
+
+#include <vector>
+
+namespace ksae {
+
+// Encodes a batch and keeps the k largest pre-activations per row:
+//     centered = X - b_dec                                       (batch x d_in)
+//     pre      = centered @ W_enc + b_enc                       (batch x n_latents)
+//     indices  = stable_argsort(-pre, axis=1)[:, :k]           (batch x k)
+//     values   = act(take_along_axis(pre, indices, axis=1))     (batch x k)
+// W_enc is held transposed (W_enc_t, n_latents x d_in, row-major) so that a latent's encoder
+// weights are one contiguous row, as its decoder weights are in W_dec.
+// `centered` (batch x d_in) is an output kept for the backward pass; `pre` (batch x n_latents)
+// is scratch space holding the pre-activations without b_enc.
+template <class T>
+void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
+                 const T* b_dec, Index n_latents, Index k, Activation act, int n_threads,
+                 T* centered, T* pre, T* values, LatentIndex* indices) {
+  const int nt = resolve_threads(n_threads);
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (Index r = 0; r < batch; ++r) {
+      const T* x = X + r * d_in;
+      T* c = centered + r * d_in;
+      for (Index i = 0; i < d_in; ++i) c[i] = x[i] - b_dec[i];
+    }
+    // The dense product, split by latent columns: each thread multiplies all rows by its own
+    // slice of W_enc, so the large operand is read (and packed) once in all.
+    int tid = 0, nth = 1;
+#ifdef KSAE_HAVE_OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    Index c0, c1;
+    split_range(n_latents, nth, tid, &c0, &c1, 16);
+    if (c1 > c0) {
+      ConstMatrixMap<T> C(centered, batch, d_in);
+      ConstMatrixMap<T> W(W_enc_t + c0 * d_in, c1 - c0, d_in);
+      StridedMatrixMap<T> P(pre + c0, batch, c1 - c0, Eigen::OuterStride<>(n_latents));
+      P.noalias() = C * W.transpose();
+    }
+#pragma omp barrier
+    SelectionScratch<T> scratch;
+#pragma omp for schedule(static)
+    for (Index r = 0; r < batch; ++r) {
+      const T* p = pre + r * n_latents;
+      LatentIndex* idx = indices + r * k;
+      select_topk_row(p, b_enc, n_latents, k, idx, scratch);
+      for (Index s = 0; s < k; ++s) values[r * k + s] = activate(act, p[idx[s]] + b_enc[idx[s]]);
+    }
+  }
+}
+
+// Decodes sparse codes: out[r] = b_dec + sum_s values[r, s] * W_dec[indices[r, s]], which
+// equals dense(values, indices) @ W_dec + b_dec at batch*k*d_in cost. Indices must lie in
+// [0, n_latents) (the binding checks).
+template <class T>
+void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Index k,
+                   const T* W_dec, const T* b_dec, Index d_in, int n_threads, T* out) {
+  const int nt = resolve_threads(n_threads);
+  Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias(b_dec, d_in);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (Index r = 0; r < batch; ++r) {
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(out + r * d_in, d_in);
+    o = bias;
+    for (Index s = 0; s < k; ++s) {
+      Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> w(W_dec + indices[r * k + s] * d_in,
+                                                               d_in);
+      o.noalias() += values[r * k + s] * w;
+    }
+  }
+}
+
+}  // namespace ksae
