@@ -1,0 +1,36 @@
+"""ksae: fast k-sparse (TopK) autoencoders on the CPU.
+
+The heavy arithmetic (the encoder product, the per-row top-k selection, the sparse decode and
+backward, the optimizer updates) runs in a C++ core with the GIL released; this package holds
+the estimator, training loop, losses, optimizers, data and command line.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _core
+from .config import ModelConfig, TrainConfig
+from .datasets import make_sparse_dictionary
+from .metrics import dictionary_recovery, fraction_of_variance_explained
+from .model import SparseAutoencoder, SparseCode
+from .optim import SGD, Adam
+from .serialization import load
+
+
+def has_openmp() -> bool:
+    """Whether the C++ core was built with OpenMP (multi-threaded kernels)."""
+    return bool(_core.has_openmp())
+
+
+def build_info() -> dict:
+    """How the C++ core was built: OpenMP, default thread count, SIMD sets, Eigen version,
+    instruction-set target."""
+    return dict(_core.build_info())
+
+
+__all__ = [
+    "SparseAutoencoder", "SparseCode", "ModelConfig", "TrainConfig", "Adam", "SGD", "load",
+    "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "has_openmp", "build_info", "__version__",
+]

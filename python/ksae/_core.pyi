@@ -1,0 +1,34 @@
+"""Type stub of ksae's private C++ extension (see cpp/bindings.cpp)."""
+
+import numpy as np
+from numpy.typing import NDArray
+
+def has_openmp() -> bool: ...
+def max_threads() -> int: ...
+def build_info() -> dict[str, object]: ...
+def encode(
+    X: NDArray[np.floating], W_enc_t: NDArray[np.floating], b_enc: NDArray[np.floating],
+    b_dec: NDArray[np.floating], k: int, activation: str = "relu", n_threads: int = 0,
+    centered: NDArray[np.floating] | None = None, pre: NDArray[np.floating] | None = None,
+) -> tuple[NDArray[np.floating], NDArray[np.int64]]: ...
+def decode(
+    values: NDArray[np.floating], indices: NDArray[np.int64], W_dec: NDArray[np.floating],
+    b_dec: NDArray[np.floating], n_threads: int = 0, out: NDArray[np.floating] | None = None,
+) -> NDArray[np.floating]: ...
+def backward(
+    grad_out: NDArray[np.floating], centered: NDArray[np.floating], values: NDArray[np.floating],
+    indices: NDArray[np.int64], W_enc_t: NDArray[np.floating], W_dec: NDArray[np.floating],
+    activation: str, project_decoder_grad: bool, n_threads: int,
+    grad_W_enc_t: NDArray[np.floating], grad_b_enc: NDArray[np.floating],
+    grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating],
+) -> None: ...
+def adam_update(
+    param: NDArray[np.floating], grad: NDArray[np.floating], exp_avg: NDArray[np.floating],
+    exp_avg_sq: NDArray[np.floating], lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, step: int, unit_norm_rows: bool = False, n_threads: int = 0,
+) -> None: ...
+def sgd_update(
+    param: NDArray[np.floating], grad: NDArray[np.floating],
+    momentum_buffer: NDArray[np.floating] | None, lr: float, momentum: float, nesterov: bool,
+    weight_decay: float, unit_norm_rows: bool = False, n_threads: int = 0,
+) -> None: ...

@@ -1,0 +1,175 @@
+"""Configuration: one dataclass per concern, validated in one place.
+
+The estimator's constructor arguments are ``ModelConfig``'s fields, ``fit``'s are
+``TrainConfig``'s, and the command line and config files are derived from these classes
+(``ksae.cli``), so an option is written down once, here, with its help text.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
+INITS = ("tied", "xavier", "he")
+DTYPES = ("float32", "float64")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+FORMAT_VERSION = 1
+"""Version of the saved-model layout (config.json + model.safetensors)."""
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise raise a ValueError that names
+    the argument, the value, the choices and the closest match."""
+    if isinstance(value, str) and value in choices:
+        return value
+    hint = difflib.get_close_matches(str(value), choices, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}{suggestion}")
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an integer in [minimum, maximum]; otherwise raise."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name}: expected an integer >= {minimum}{upper}, got {value}")
+    return value
+
+
+def check_positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is finite and > 0 (or >= 0); otherwise raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    ok = v >= 0 if allow_zero else v > 0
+    if not (ok and v == v and v != float("inf")):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    return v
+
+
+def dtype_name(value: Any) -> str:
+    """Canonical name ('float32' or 'float64') of a dtype given as a string or numpy type."""
+    import numpy as np
+
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        name = str(value)
+    return check_choice("dtype", name, DTYPES)
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of a k-sparse autoencoder (the estimator's constructor arguments)."""
+
+    n_latents: int = field(default=1024, metadata=_help("number of dictionary latents"))
+    k: int = field(default=32, metadata=_help("active latents kept per sample (top-k)"))
+    activation: str = field(default="relu", metadata=_help("encoder activation", choices=ACTIVATIONS))
+    init: str = field(default="tied", metadata=_help(
+        "weight initialisation: tied (W_enc = W_dec.T, unit decoder rows), xavier or he",
+        choices=INITS))
+    normalize_decoder: bool = field(default=True, metadata=_help(
+        "keep decoder rows at unit norm (project their gradient, renormalise after each step)"))
+    random_state: int | None = field(default=None, metadata=_help("seed for initialisation and shuffling"))
+    dtype: str = field(default="float32", metadata=_help("floating-point precision", choices=DTYPES))
+    n_threads: int | None = field(default=None, metadata=_help("threads for the C++ kernels (default: all cores)"))
+
+    def __post_init__(self) -> None:
+        self.n_latents = check_int("n_latents", self.n_latents, 1)
+        self.k = check_int("k", self.k, 1)
+        if self.k > self.n_latents:
+            raise ValueError(f"k: expected 1 <= k <= n_latents = {self.n_latents}, got {self.k}")
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("init", self.init, INITS)
+        if not isinstance(self.normalize_decoder, bool):
+            raise TypeError(f"normalize_decoder: expected a bool, got {self.normalize_decoder!r}")
+        if self.random_state is not None:
+            self.random_state = check_int("random_state", self.random_state, 0)
+        self.dtype = dtype_name(self.dtype)
+        if self.n_threads is not None:
+            self.n_threads = check_int("n_threads", self.n_threads, 1)
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained (the arguments of ``SparseAutoencoder.fit``)."""
+
+    epochs: int = field(default=10, metadata=_help("passes over the training data"))
+    batch_size: int = field(default=256, metadata=_help("samples per optimizer step"))
+    lr: float = field(default=1e-3, metadata=_help("learning rate"))
+    optimizer: str = field(default="adam", metadata=_help(
+        "adam, adamw (decoupled weight decay) or sgd", choices=OPTIMIZERS))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum (0 for plain SGD)"))
+    nesterov: bool = field(default=False, metadata=_help("use Nesterov momentum with SGD"))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "weight decay: decoupled for adamw, an L2 gradient term for sgd, unused by adam"))
+    shuffle: bool = field(default=True, metadata=_help("reshuffle the samples every epoch"))
+
+    def __post_init__(self) -> None:
+        self.epochs = check_int("epochs", self.epochs, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_positive_float("lr", self.lr)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.momentum = check_positive_float("momentum", self.momentum, allow_zero=True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
+        self.weight_decay = check_positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        for name in ("nesterov", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
+
+
+DATASETS = ("synthetic",)
+
+
+@dataclass
+class DataConfig:
+    """The data an experiment trains on (``ksae-train``). ``synthetic`` draws samples from a
+    planted sparse dictionary (``ksae.make_sparse_dictionary``), so no network is needed."""
+
+    dataset: str = field(default="synthetic", metadata=_help("dataset to train on", choices=DATASETS))
+    n_samples: int = field(default=20000, metadata=_help("synthetic: number of samples"))
+    d_in: int = field(default=64, metadata=_help("synthetic: input width"))
+    n_components: int = field(default=128, metadata=_help("synthetic: ground-truth directions"))
+    n_active: int = field(default=4, metadata=_help("synthetic: directions active per sample"))
+    noise: float = field(default=0.01, metadata=_help("synthetic: Gaussian noise per feature"))
+    test_fraction: float = field(default=0.2, metadata=_help("fraction of samples held out for testing"))
+
+    def __post_init__(self) -> None:
+        check_choice("dataset", self.dataset, DATASETS)
+        self.n_samples = check_int("n_samples", self.n_samples, 2)
+        self.d_in = check_int("d_in", self.d_in, 1)
+        self.n_components = check_int("n_components", self.n_components, 1)
+        self.n_active = check_int("n_active", self.n_active, 1, self.n_components)
+        self.noise = check_positive_float("noise", self.noise, allow_zero=True)
+        self.test_fraction = check_positive_float("test_fraction", self.test_fraction)
+        if self.test_fraction >= 1:
+            raise ValueError(f"test_fraction: expected 0 < test_fraction < 1, got {self.test_fraction}")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def check_known_keys(where: str, given: dict[str, Any], known: list[str]) -> None:
+    """Raise a ValueError listing unknown keys, each with its closest known name."""
+    unknown = [key for key in given if key not in known]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        hint = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    raise ValueError(f"{where}: unknown option(s) {', '.join(parts)}; known: {', '.join(known)}")

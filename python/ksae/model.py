@@ -1,0 +1,403 @@
+"""The estimator: ``SparseAutoencoder``, a TopK sparse autoencoder trained by ksae's kernels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig, TrainConfig, check_known_keys, field_names
+from .buffers import aligned_copy, aligned_empty, as_aligned
+from .hygiene import normalize_rows
+from .losses import mse_loss
+from .metrics import fraction_of_variance_explained
+from .optim import Optimizer, make_optimizer
+from .validation import as_code, as_float_matrix
+
+PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
+"""Internal parameter names. W_enc is held transposed, (n_latents, d_in), so a latent's
+encoder weights are one contiguous row; ``W_enc_`` shows it as (d_in, n_latents)."""
+
+_WORKSPACE_BYTES = 64 << 20  # pre-activation scratch per inference chunk
+
+
+def _same_settings_but_lr(a: Optimizer, b: Optimizer) -> bool:
+    """Whether two optimizers differ at most in their learning rate (so state carries over)."""
+    return type(a) is type(b) and {**a.hyperparameters(), "lr": None} == {**b.hyperparameters(), "lr": None}
+
+
+class SparseCode(NamedTuple):
+    """A k-sparse code: ``dense[r, indices[r, s]] = values[r, s]``."""
+
+    values: np.ndarray
+    """(n_samples, k) activations of the kept latents, in decreasing order."""
+    indices: np.ndarray
+    """(n_samples, k) int64 indices of the kept latents."""
+
+
+class SparseAutoencoder:
+    """A k-sparse (TopK) autoencoder.
+
+    Each sample is encoded as ``pre = (x - b_dec) @ W_enc + b_enc``; only its ``k`` largest
+    pre-activations are kept (passed through ``activation``), the rest are zero; the decoder
+    reconstructs ``x_hat = z @ W_dec + b_dec``. Training minimises the mean squared error,
+    gradients flowing through the kept latents only.
+
+    Parameters are those of :class:`ksae.config.ModelConfig`: ``n_latents``, ``k``,
+    ``activation`` ("relu", "linear", "sigmoid", "tanh"), ``init`` ("tied", "xavier", "he"),
+    ``normalize_decoder``, ``random_state``, ``dtype`` ("float32", "float64") and
+    ``n_threads`` (None: all cores).
+
+    Fitted attributes: ``W_enc_`` (d_in, n_latents), ``b_enc_``, ``W_dec_`` (n_latents, d_in),
+    ``b_dec_``, ``n_features_in_``, ``n_iter_`` (optimizer steps taken) and ``history_``.
+
+    Example::
+
+        sae = ksae.SparseAutoencoder(n_latents=1000, k=25, random_state=0)
+        sae.fit(X, epochs=10, batch_size=256)
+        values, indices = sae.encode(X)
+    """
+
+    def __init__(self, n_latents: int = 1024, k: int = 32, *, activation: str = "relu",
+                 init: str = "tied", normalize_decoder: bool = True,
+                 random_state: int | None = None, dtype: str = "float32",
+                 n_threads: int | None = None) -> None:
+        self.n_latents = n_latents
+        self.k = k
+        self.activation = activation
+        self.init = init
+        self.normalize_decoder = normalize_decoder
+        self.random_state = random_state
+        self.dtype = dtype
+        self.n_threads = n_threads
+        self._params: dict[str, np.ndarray] | None = None
+        self._grads: dict[str, np.ndarray] = {}
+        self._workspace: dict[str, np.ndarray] = {}
+        self._workspace_lock = threading.Lock()
+        self._optimizer: Optimizer | None = None
+        self._rng: np.random.Generator | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy support: the lock and the scratch buffers are per-instance.
+        state = self.__dict__.copy()
+        state["_workspace"] = {}
+        del state["_workspace_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._workspace_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- parameters (sklearn)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as scikit-learn's ``get_params`` returns them."""
+        return {name: getattr(self, name) for name in field_names(ModelConfig)}
+
+    def set_params(self, **params: Any) -> "SparseAutoencoder":
+        """Set constructor arguments; unknown names raise a ValueError with suggestions.
+        Changing the architecture of a fitted model takes effect at the next ``fit``."""
+        check_known_keys("set_params", params, field_names(ModelConfig))
+        ModelConfig(**{**self.get_params(), **params})  # validate the combination first
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    @property
+    def config(self) -> ModelConfig:
+        """The validated model configuration."""
+        return ModelConfig(**self.get_params())
+
+    def __repr__(self) -> str:
+        defaults = ModelConfig()
+        shown = [f"{k}={v!r}" for k, v in self.get_params().items() if v != getattr(defaults, k)
+                 or k in ("n_latents", "k")]
+        return f"SparseAutoencoder({', '.join(shown)})"
+
+    # ----------------------------------------------------------------- fitted attributes
+    def _fitted(self) -> dict[str, np.ndarray]:
+        if self._params is None:
+            raise RuntimeError("This SparseAutoencoder is not fitted yet: call fit or partial_fit first")
+        return self._params
+
+    @property
+    def W_enc_(self) -> np.ndarray:
+        """Encoder weights, (d_in, n_latents) (a transposed view of the internal layout)."""
+        return self._fitted()["W_enc_t"].T
+
+    @property
+    def b_enc_(self) -> np.ndarray:
+        """Encoder bias, (n_latents,)."""
+        return self._fitted()["b_enc"]
+
+    @property
+    def W_dec_(self) -> np.ndarray:
+        """Decoder weights, (n_latents, d_in); rows have unit norm with normalize_decoder."""
+        return self._fitted()["W_dec"]
+
+    @property
+    def b_dec_(self) -> np.ndarray:
+        """Decoder bias, (d_in,); it is also subtracted from the input before encoding."""
+        return self._fitted()["b_dec"]
+
+    @property
+    def n_features_in_(self) -> int:
+        """Input width d_in seen at fit time."""
+        return int(self._fitted()["W_dec"].shape[1])
+
+    # ----------------------------------------------------------------- training
+    def fit(self, X: Any, *, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3,
+            optimizer: str = "adam", shuffle: bool = True, validation_data: Any = None,
+            callback: Callable[[dict[str, Any]], None] | None = None,
+            **options: Any) -> "SparseAutoencoder":
+        """Initialise the weights and train for ``epochs`` passes over ``X``.
+
+        ``options`` are further :class:`ksae.config.TrainConfig` fields (``momentum``,
+        ``nesterov``, ``weight_decay``). ``validation_data`` is an array scored after each
+        epoch. ``callback``, if given, receives each epoch's history record. Returns self;
+        per-epoch figures are in ``history_``.
+        """
+        check_known_keys("fit", options, field_names(TrainConfig))
+        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                            shuffle=shuffle, **options)
+        cfg = self.config
+        X = as_float_matrix(X, "X", cfg.dtype)
+        X_val = None
+        if validation_data is not None:
+            X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, X.shape[1])
+        self._initialize(X.shape[1], cfg)
+        self._optimizer = make_optimizer(train)
+        self.history_: dict[str, list[float]] = {}
+        n = X.shape[0]
+        for epoch in range(train.epochs):
+            started = time.perf_counter()
+            order = self._rng.permutation(n) if train.shuffle else None
+            fired = np.zeros(cfg.n_latents, dtype=bool)
+            loss_sum = l0_sum = 0.0
+            for start in range(0, n, train.batch_size):
+                stop = min(start + train.batch_size, n)
+                batch = X[order[start:stop]] if order is not None else X[start:stop]
+                loss, code = self._train_step(batch, cfg)
+                active = code.values != 0
+                fired[code.indices[active]] = True
+                loss_sum += loss * (stop - start)
+                l0_sum += float(active.sum())
+            record = {"epoch": epoch + 1, "loss": loss_sum / n, "l0": l0_sum / n,
+                      "dead_fraction": 1.0 - fired.mean(), "time": time.perf_counter() - started}
+            if X_val is not None:
+                X_hat = self.reconstruct(X_val)
+                record["val_loss"] = float(np.mean((X_hat - X_val) ** 2))
+                record["val_fve"] = fraction_of_variance_explained(X_val, X_hat)
+            for key, value in record.items():
+                self.history_.setdefault(key, []).append(value)
+            if callback is not None:
+                callback(record)
+        return self
+
+    def partial_fit(self, X: Any, *, lr: float = 1e-3, optimizer: str = "adam",
+                    **options: Any) -> "SparseAutoencoder":
+        """One optimizer step on ``X`` taken as a single batch, initialising the model on the
+        first call. The optimizer's state carries over between calls (and from ``fit``) while
+        its kind stays the same; ``lr`` applies from this step on."""
+        check_known_keys("partial_fit", options, field_names(TrainConfig))
+        train = TrainConfig(lr=lr, optimizer=optimizer, **options)
+        cfg = self.config
+        if self._params is None:
+            X = as_float_matrix(X, "X", cfg.dtype)
+            self._initialize(X.shape[1], cfg)
+        else:
+            self._check_architecture(cfg)
+            X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
+        fresh = make_optimizer(train)
+        if self._optimizer is None or not _same_settings_but_lr(self._optimizer, fresh):
+            self._optimizer = fresh
+        self._optimizer.lr = train.lr
+        if not hasattr(self, "history_"):
+            self.history_ = {}
+        self._train_step(X, cfg)
+        return self
+
+    def _initialize(self, d_in: int, cfg: ModelConfig) -> None:
+        """Fresh weights for input width ``d_in`` (see ``init``), written straight into their
+        final buffers so that no full-size temporaries raise the memory peak."""
+        self._rng = np.random.default_rng(cfg.random_state)
+        rng, n, dtype = self._rng, cfg.n_latents, np.dtype(cfg.dtype)
+
+        # Drawn in float64 row chunks (the same stream as one draw, so float32 and float64
+        # models with one seed start from the same weights) without a full float64 copy.
+        rows = max(1, (8 << 20) // (8 * d_in))
+
+        def draw(sample: Callable[[int], np.ndarray]) -> np.ndarray:
+            out = aligned_empty((n, d_in), dtype)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                out[start:stop] = sample(stop - start)
+            return out
+
+        def normal(scale: float) -> np.ndarray:
+            return draw(lambda m: rng.standard_normal((m, d_in)) * scale)
+
+        def uniform(bound: float) -> np.ndarray:
+            return draw(lambda m: rng.uniform(-bound, bound, (m, d_in)))
+
+        if cfg.init == "tied":
+            W_dec = normal(1.0)
+            normalize_rows(W_dec)
+            W_enc_t = aligned_copy(W_dec)
+        elif cfg.init == "xavier":
+            bound = np.sqrt(6.0 / (d_in + n))
+            W_enc_t, W_dec = uniform(bound), uniform(bound)
+        else:  # he: variance 2 / fan_in for each layer
+            W_enc_t, W_dec = normal(np.sqrt(2.0 / d_in)), normal(np.sqrt(2.0 / n))
+        if cfg.normalize_decoder:
+            normalize_rows(W_dec)
+        self._set_weights({"W_enc_t": W_enc_t, "b_enc": np.zeros(n), "W_dec": W_dec,
+                           "b_dec": np.zeros(d_in)}, dtype)
+        self._optimizer = None
+        self.n_iter_ = 0
+        self.history_ = {}
+
+    def _set_weights(self, params: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        self._params = {name: as_aligned(params[name], dtype) for name in PARAM_NAMES}
+        self._grads = {name: aligned_empty(p.shape, dtype) for name, p in self._params.items()}
+        self._workspace = {}
+
+    def _check_architecture(self, cfg: ModelConfig) -> None:
+        p = self._fitted()
+        if p["W_dec"].shape[0] != cfg.n_latents or p["W_dec"].dtype != np.dtype(cfg.dtype):
+            raise ValueError(
+                f"n_latents/dtype: the model holds weights for n_latents={p['W_dec'].shape[0]}, "
+                f"dtype={p['W_dec'].dtype}, but its parameters now say n_latents={cfg.n_latents}, "
+                f"dtype={cfg.dtype}; call fit to re-initialise")
+
+    def _buffers(self, rows: int) -> dict[str, np.ndarray]:
+        """Scratch arrays for a batch of ``rows`` samples, grown as needed, reused otherwise.
+        The caller must hold ``_workspace_lock``."""
+        ws = self._workspace
+        if ws.get("pre") is None or ws["pre"].shape[0] < rows:
+            ws.update(self._new_buffers(rows))
+        return {key: buf[:rows] for key, buf in ws.items()}
+
+    def _new_buffers(self, rows: int) -> dict[str, np.ndarray]:
+        n, d = self._params["W_dec"].shape
+        dtype = self._params["W_dec"].dtype
+        return {"pre": aligned_empty((rows, n), dtype), "centered": aligned_empty((rows, d), dtype),
+                "x_hat": aligned_empty((rows, d), dtype)}
+
+    @contextmanager
+    def _scratch(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """The shared scratch arrays when no other thread is using them (the kernels run
+        without the GIL, so concurrent calls are real), otherwise private ones."""
+        if self._workspace_lock.acquire(blocking=False):
+            try:
+                yield self._buffers(rows)
+            finally:
+                self._workspace_lock.release()
+        else:
+            yield self._new_buffers(rows)
+
+    def _train_step(self, batch: np.ndarray, cfg: ModelConfig) -> tuple[float, SparseCode]:
+        """Forward, loss, backward and optimizer update on one batch (shared by fit and
+        partial_fit). Returns the loss before the update and the batch's code."""
+        with self._workspace_lock:
+            return self._locked_train_step(batch, cfg)
+
+    def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig) -> tuple[float, SparseCode]:
+        p, g, nt = self._params, self._grads, self._threads(cfg)
+        ws = self._buffers(batch.shape[0])
+        values, indices = _core.encode(batch, p["W_enc_t"], p["b_enc"], p["b_dec"], cfg.k,
+                                       cfg.activation, nt, ws["centered"], ws["pre"])
+        x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
+        loss, grad_out = mse_loss(x_hat, batch, overwrite=True)
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged at step {self.n_iter_ + 1}: the loss is {loss}; the weights "
+                f"are those of the last finite step. Lower the learning rate or rescale the data.")
+        _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
+                       cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
+                       g["W_dec"], g["b_dec"])
+        self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
+                             else frozenset(), n_threads=nt)
+        self.n_iter_ += 1
+        return loss, SparseCode(values, indices)
+
+    @staticmethod
+    def _threads(cfg: ModelConfig) -> int:
+        return cfg.n_threads or 0
+
+    # ----------------------------------------------------------------- inference
+    def encode(self, X: Any) -> SparseCode:
+        """The k-sparse code of each row of ``X``: ``SparseCode(values, indices)``, each
+        (n_samples, k), values in decreasing order (the lower index first on ties)."""
+        cfg = self.config
+        self._check_architecture(cfg)
+        X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
+        p, nt = self._params, self._threads(cfg)
+        n = X.shape[0]
+        values = np.empty((n, cfg.k), dtype=cfg.dtype)
+        indices = np.empty((n, cfg.k), dtype=np.int64)
+        chunk = max(1, _WORKSPACE_BYTES // (cfg.n_latents * X.itemsize))
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            with self._scratch(stop - start) as ws:
+                values[start:stop], indices[start:stop] = _core.encode(
+                    X[start:stop], p["W_enc_t"], p["b_enc"], p["b_dec"], cfg.k, cfg.activation,
+                    nt, ws["centered"], ws["pre"])
+        return SparseCode(values, indices)
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Dense codes, (n_samples, n_latents), zero outside each row's k kept latents."""
+        values, indices = self.encode(X)
+        dense = np.zeros((values.shape[0], self.config.n_latents), dtype=values.dtype)
+        np.put_along_axis(dense, indices, values, axis=1)
+        return dense
+
+    def decode(self, values: Any, indices: Any) -> np.ndarray:
+        """Reconstruct inputs from sparse codes: ``dense(values, indices) @ W_dec + b_dec``."""
+        cfg = self.config
+        self._check_architecture(cfg)
+        v, i = as_code(values, indices, cfg.dtype, cfg.n_latents)
+        p = self._params
+        return _core.decode(v, i, p["W_dec"], p["b_dec"], self._threads(cfg))
+
+    def reconstruct(self, X: Any) -> np.ndarray:
+        """``decode(*encode(X))``: the model's reconstruction of each row of ``X``."""
+        return self.decode(*self.encode(X))
+
+    def score(self, X: Any) -> float:
+        """Fraction of the variance of ``X`` explained by the reconstruction (1 is perfect;
+        0 is no better than predicting the mean of X)."""
+        X = as_float_matrix(X, "X", self.config.dtype)
+        return fraction_of_variance_explained(X, self.reconstruct(X))
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the model to the directory ``path`` (created if needed): the weights as
+        ``model.safetensors`` and the configuration as ``config.json``. See ``ksae.load``."""
+        from .serialization import save_model
+
+        return save_model(self, path)
+
+    def _state_for_saving(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        p = self._fitted()
+        self._check_architecture(self.config)
+        meta = {"params": asdict(self.config), "n_iter": self.n_iter_,
+                "history": getattr(self, "history_", {})}
+        weights = {"W_enc": np.ascontiguousarray(p["W_enc_t"].T), "b_enc": p["b_enc"],
+                   "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+        return meta, weights
+
+    def _restore(self, meta: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+        cfg = self.config
+        params = {"W_enc_t": weights["W_enc"].T, "b_enc": weights["b_enc"],
+                  "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}
+        self._set_weights(params, np.dtype(cfg.dtype))
+        self._rng = np.random.default_rng(cfg.random_state)
+        self._optimizer = None
+        self.n_iter_ = int(meta.get("n_iter", 0))
+        self.history_ = meta.get("history", {})

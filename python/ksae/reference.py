@@ -1,0 +1,173 @@
+"""Plain-NumPy reference of every ksae kernel, and a dense NumPy model built from them.
+
+Each function states the dense expression the C++ kernel must equal. They compute in the
+dtype they are given: the tests call them in float64 to hold the kernels to them, and the
+benchmarks race the kernels against them in float32 (``DenseNumpySAE``), which is the same
+model written the way one would write it in NumPy, with dense matrices.
+
+Matrices use the public shapes: ``W_enc`` is (d_in, n_latents), ``W_dec`` (n_latents, d_in).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .hygiene import normalize_rows
+
+ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]]
+"""name -> (activation, its derivative written in terms of the activation's output)."""
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {
+    "relu": (lambda x: np.maximum(x, 0), lambda a: (a > 0).astype(a.dtype)),
+    "linear": (lambda x: x, lambda a: np.ones_like(a)),
+    "sigmoid": (_sigmoid, lambda a: a * (1 - a)),
+    "tanh": (np.tanh, lambda a: 1 - a * a),
+}
+
+
+def topk_indices(pre: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row, in decreasing order, the lower index
+    first on ties: exactly ``np.argsort(-pre, axis=1, kind="stable")[:, :k]``, computed with
+    ``argpartition`` in O(batch * n_latents)."""
+    batch, n = pre.shape
+    if k >= n:
+        return np.argsort(-pre, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(-pre, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(pre, part, axis=1).min(axis=1, keepdims=True)
+    above = pre > kth
+    ties = pre == kth
+    # Of the entries equal to the k-th value, keep the lowest-indexed ones that are needed.
+    needed = k - above.sum(axis=1, keepdims=True)
+    keep = above | (ties & (np.cumsum(ties, axis=1) <= needed))
+    cols = np.nonzero(keep)[1].reshape(batch, k)  # ascending within each row
+    order = np.argsort(-np.take_along_axis(pre, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
+
+
+def pre_activations(X: np.ndarray, W_enc: np.ndarray, b_enc: np.ndarray, b_dec: np.ndarray) -> np.ndarray:
+    """``(X - b_dec) @ W_enc + b_enc``: the one dense product of a step."""
+    return (X - b_dec) @ W_enc + b_enc
+
+
+def encode(X, W_enc, b_enc, b_dec, k: int, activation: str = "relu") -> tuple[np.ndarray, np.ndarray]:
+    """TopK encode: ``indices = topk_indices(pre, k)``, ``values = act(pre[indices])``."""
+    pre = pre_activations(X, W_enc, b_enc, b_dec)
+    indices = topk_indices(pre, k)
+    values = ACTIVATIONS[activation][0](np.take_along_axis(pre, indices, axis=1))
+    return values, indices
+
+
+def densify(values: np.ndarray, indices: np.ndarray, n_latents: int) -> np.ndarray:
+    """Scatter (batch, k) codes into a dense (batch, n_latents) array."""
+    dense = np.zeros((values.shape[0], n_latents), dtype=values.dtype)
+    np.put_along_axis(dense, indices, values, axis=1)
+    return dense
+
+
+def decode(values, indices, W_dec, b_dec) -> np.ndarray:
+    """``densify(values, indices) @ W_dec + b_dec``."""
+    return densify(values, indices, W_dec.shape[0]) @ W_dec + b_dec
+
+
+def mse_loss(X_hat: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean squared error over all elements, and its gradient with respect to X_hat."""
+    diff = X_hat - X
+    return float(np.mean(diff * diff)), diff * (2.0 / diff.size)
+
+
+def backward(grad_out, X, values, indices, W_enc, b_dec, W_dec, activation: str = "relu",
+             project_decoder_grad: bool = False) -> dict[str, np.ndarray]:
+    """Gradients of a loss with respect to W_enc, b_enc, W_dec and b_dec, given
+    ``grad_out = dL/dX_hat`` and the code (values, indices) of the forward pass.
+
+    The selection is the gradient's route: it is fixed by the forward pass and entries off
+    it get no gradient. With ``project_decoder_grad``, each decoder row's gradient loses its
+    component along the row.
+    """
+    n = W_dec.shape[0]
+    Z = densify(values, indices, n)
+    mask = densify(np.ones_like(values), indices, n)
+    dpre = (grad_out @ W_dec.T) * ACTIVATIONS[activation][1](Z) * mask
+    grad_W_dec = Z.T @ grad_out
+    if project_decoder_grad:
+        norms2 = np.einsum("ij,ij->i", W_dec, W_dec)
+        coef = np.divide(np.einsum("ij,ij->i", grad_W_dec, W_dec), norms2,
+                         out=np.zeros_like(norms2), where=norms2 > 0)
+        grad_W_dec = grad_W_dec - coef[:, None] * W_dec
+    grad_b_enc = dpre.sum(axis=0)
+    return {
+        "W_enc": (X - b_dec).T @ dpre,
+        "b_enc": grad_b_enc,
+        "W_dec": grad_W_dec,
+        "b_dec": grad_out.sum(axis=0) - W_enc @ grad_b_enc,
+    }
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, step: int, unit_norm_rows: bool = False) -> None:
+    """Adam/AdamW in place, PyTorch's formulation (decoupled weight decay)."""
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * grad * grad
+    denom = np.sqrt(exp_avg_sq) / np.sqrt(1 - beta2**step) + eps
+    param *= 1 - lr * weight_decay
+    param -= (lr / (1 - beta1**step)) * exp_avg / denom
+    if unit_norm_rows:
+        normalize_rows(param.reshape(-1, param.shape[-1]))
+
+
+def sgd_update(param, grad, momentum_buffer, *, lr, momentum=0.0, nesterov=False,
+               weight_decay=0.0, unit_norm_rows: bool = False) -> None:
+    """SGD with optional (Nesterov) momentum in place, PyTorch's formulation."""
+    d = grad + weight_decay * param
+    if momentum:
+        momentum_buffer *= momentum
+        momentum_buffer += d
+        d = d + momentum * momentum_buffer if nesterov else momentum_buffer
+    param -= lr * d
+    if unit_norm_rows:
+        normalize_rows(param.reshape(-1, param.shape[-1]))
+
+
+class DenseNumpySAE:
+    """A TopK autoencoder written in plain NumPy with dense codes, trained with Adam.
+
+    The model ksae's kernels compute, in the way one would write it without them: dense
+    (batch, n_latents) codes and dense products in the decoder and the backward pass. The
+    benchmarks time it against ksae; the tests check ksae's whole training step against it.
+    """
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, k: int, activation: str = "relu", *,
+                 lr: float = 1e-3, normalize_decoder: bool = True):
+        self.params = {"W_enc": W_enc.copy(), "b_enc": b_enc.copy(),
+                       "W_dec": W_dec.copy(), "b_dec": b_dec.copy()}
+        self.k, self.activation, self.lr = k, activation, lr
+        self.normalize_decoder = normalize_decoder
+        self.state = {name: (np.zeros_like(p), np.zeros_like(p)) for name, p in self.params.items()}
+        self.n_steps = 0
+
+    def encode(self, X):
+        p = self.params
+        return encode(X, p["W_enc"], p["b_enc"], p["b_dec"], self.k, self.activation)
+
+    def step(self, X) -> float:
+        """One Adam step on the batch X; returns the batch loss before the update."""
+        p = self.params
+        values, indices = self.encode(X)
+        loss, grad_out = mse_loss(decode(values, indices, p["W_dec"], p["b_dec"]), X)
+        grads = backward(grad_out, X, values, indices, p["W_enc"], p["b_dec"], p["W_dec"],
+                         self.activation, self.normalize_decoder)
+        self.n_steps += 1
+        for name, param in p.items():
+            m, v = self.state[name]
+            adam_update(param, grads[name], m, v, lr=self.lr, step=self.n_steps,
+                        unit_norm_rows=self.normalize_decoder and name == "W_dec")
+        return loss
