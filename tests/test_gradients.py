@@ -1,0 +1,153 @@
+"""Finite-difference checks of the TopK gradients.
+
+The top-k choice is not differentiable; it fixes the route the gradient takes. On data whose
+k-th and (k+1)-th pre-activations are well apart, a small perturbation of any parameter does
+not change the selection, so the loss is smooth there and central differences must match the
+analytic gradients of ``_core.backward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ksae
+from ksae import _core
+from ksae import reference as ref
+from ksae.losses import mse_loss
+
+from conftest import ACTIVATIONS, rel_err
+
+BATCH, D_IN, N_LATENTS, K = 6, 5, 9, 3
+EPS = 1e-6
+MIN_GAP = 1e-3
+PARAMS = ("W_enc_t", "b_enc", "W_dec", "b_dec")
+
+
+def forward(p, X, activation):
+    centered = np.empty_like(X)
+    values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], K, activation, 1,
+                                   centered, None)
+    X_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], 1)
+    return centered, values, indices, X_hat
+
+
+def loss_of(p, X, activation, expected_indices=None):
+    _, values, indices, X_hat = forward(p, X, activation)
+    if expected_indices is not None:
+        # The perturbation must not move the selection (else the check is meaningless).
+        np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected_indices, axis=1))
+    return mse_loss(X_hat, X)[0]
+
+
+def well_separated(p, X, activation) -> bool:
+    pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
+    s = -np.sort(-pre, axis=1)
+    if np.min(s[:, K - 1] - s[:, K]) <= MIN_GAP:
+        return False
+    if activation == "relu":
+        # Away from the kink; most kept latents active so the encoder gets a gradient, and
+        # at least one kept but inactive (relu'(pre) = 0 must block its route).
+        kept = s[:, :K]
+        if np.min(np.abs(kept)) <= MIN_GAP or np.mean(kept > 0) < 0.5 or not np.any(kept < 0):
+            return False
+    return True
+
+
+def tie_free_problem(activation, seed0=0):
+    """Small float64 problem whose selection is stable under perturbations of size EPS."""
+    for seed in range(seed0, seed0 + 200):
+        rng = np.random.default_rng(seed)
+        p = {
+            "W_enc_t": rng.standard_normal((N_LATENTS, D_IN)) / np.sqrt(D_IN),
+            "b_enc": 0.3 + 0.2 * rng.standard_normal(N_LATENTS),
+            "W_dec": rng.standard_normal((N_LATENTS, D_IN)) / np.sqrt(D_IN),
+            "b_dec": 0.1 * rng.standard_normal(D_IN),
+        }
+        X = rng.standard_normal((BATCH, D_IN))
+        if well_separated(p, X, activation):
+            return p, X
+    raise AssertionError("no tie-free problem found")  # pragma: no cover
+
+
+def analytic_gradients(p, X, activation, project=False):
+    centered, values, indices, X_hat = forward(p, X, activation)
+    _, grad_out = mse_loss(X_hat, X)
+    grads = {name: np.empty_like(p[name]) for name in PARAMS}
+    _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], activation,
+                   project, 1, *(grads[name] for name in PARAMS))
+    return grads, indices
+
+
+def numeric_gradient(p, X, activation, name, indices):
+    grad = np.zeros_like(p[name])
+    flat = p[name].reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + EPS
+        up = loss_of(p, X, activation, indices)
+        flat[i] = saved - EPS
+        down = loss_of(p, X, activation, indices)
+        flat[i] = saved
+        grad.reshape(-1)[i] = (up - down) / (2 * EPS)
+    return grad
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", PARAMS)
+def test_backward_matches_finite_differences(activation, name):
+    p, X = tie_free_problem(activation)
+    grads, indices = analytic_gradients(p, X, activation)
+    numeric = numeric_gradient(p, X, activation, name, indices)
+    assert np.linalg.norm(numeric) > 1e-6  # a real gradient, not a vacuous zero
+    assert rel_err(grads[name], numeric) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_projected_decoder_gradient_is_the_tangent_part(activation):
+    # With project_decoder_grad the W_dec gradient is the finite-difference gradient with
+    # each row's component along that row removed.
+    p, X = tie_free_problem(activation)
+    grads, indices = analytic_gradients(p, X, activation, project=True)
+    numeric = numeric_gradient(p, X, activation, "W_dec", indices)
+    W = p["W_dec"]
+    tangent = numeric - (np.einsum("ij,ij->i", numeric, W) / np.einsum("ij,ij->i", W, W))[:, None] * W
+    assert rel_err(grads["W_dec"], tangent) < 1e-6
+    for name in ("W_enc_t", "b_enc", "b_dec"):  # the other gradients are unaffected
+        assert rel_err(grads[name], numeric_gradient(p, X, activation, name, indices)) < 1e-6
+
+
+def model_weights(sae):
+    """The model's weights in the internal layout, copied, through the public attributes."""
+    return {"W_enc_t": sae.W_enc_.T.copy(order="C"), "b_enc": sae.b_enc_.copy(),
+            "W_dec": sae.W_dec_.copy(), "b_dec": sae.b_dec_.copy()}
+
+
+def model_problem(activation):
+    """A float64 model (initialised without changing its weights) and tie-free data."""
+    for seed in range(200):
+        rng = np.random.default_rng(1000 + seed)
+        X = rng.standard_normal((BATCH, D_IN))
+        sae = ksae.SparseAutoencoder(n_latents=N_LATENTS, k=K, activation=activation, init="he",
+                                     normalize_decoder=False, dtype="float64", n_threads=1,
+                                     random_state=seed)
+        # A step of lr=1e-300 initialises the model and leaves every weight bit unchanged.
+        sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=1e-300)
+        p = model_weights(sae)
+        if well_separated(p, X, activation):
+            return sae, p, X
+    raise AssertionError("no tie-free problem found")  # pragma: no cover
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_model_sgd_step_follows_finite_difference_gradient(activation):
+    sae, p, X = model_problem(activation)
+    lr = 1e-3
+    sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=lr)
+    assert sae.n_iter_ == 2
+    after = model_weights(sae)
+    _, indices = analytic_gradients(p, X, activation)
+    for name in PARAMS:
+        numeric = numeric_gradient(p, X, activation, name, indices)
+        step = (p[name] - after[name]) / lr
+        assert rel_err(step, numeric) < 1e-6, name

@@ -1,0 +1,620 @@
+"""The C++ kernels (``ksae._core``) held to the float64 NumPy reference (``ksae.reference``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ksae import _core
+from ksae import reference as ref
+
+from conftest import ACTIVATIONS, DTYPES, THREADS, as64, make_weights, rel_err, tol
+
+# (batch, d_in, n_latents, k): k=1, k=n_latents, batch 1, d_in not a multiple of 8 or 16,
+# n_latents small and medium (above and below the selection buffer's capacity).
+SHAPES = [
+    (1, 13, 7, 1),
+    (1, 13, 7, 7),
+    (4, 29, 7, 3),
+    (5, 29, 50, 1),
+    (9, 37, 50, 8),
+    (17, 37, 50, 50),
+    (33, 13, 300, 1),
+    (33, 37, 300, 17),
+    (20, 29, 300, 300),
+    (64, 16, 300, 90),
+]
+SHAPE_IDS = [f"B{b}-d{d}-n{n}-k{k}" for b, d, n, k in SHAPES]
+
+SAFE_GAP = 1e-3
+"""Rows whose reference k-th and (k+1)-th pre-activations are this far apart have one
+correct top-k even in float32."""
+
+
+def encode_inputs(rng, batch, d_in, n_latents, dtype):
+    p = make_weights(rng, d_in, n_latents, dtype, bias_scale=0.5)
+    X = np.ascontiguousarray(rng.standard_normal((batch, d_in)), dtype=dtype)
+    return X, p
+
+
+def reference_pre(X, p):
+    """float64 pre-activations from the same (possibly float32) inputs."""
+    X64, W, be, bd = as64(X, p["W_enc_t"], p["b_enc"], p["b_dec"])
+    return ref.pre_activations(X64, W.T, be, bd)
+
+
+def sorted_gaps(pre, k):
+    """Per row, the gap between the k-th and (k+1)-th largest entries (inf when k = n)."""
+    s = -np.sort(-pre, axis=1)
+    if k >= pre.shape[1]:
+        return np.full(pre.shape[0], np.inf)
+    return s[:, k - 1] - s[:, k]
+
+
+# --------------------------------------------------------------------------------- encode
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_matches_reference(rng, shape, activation, n_threads, dtype):
+    batch, d_in, n, k = shape
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    centered = np.empty_like(X)
+    values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, activation,
+                                   n_threads, centered, None)
+    assert values.shape == indices.shape == (batch, k)
+    assert values.dtype == dtype and indices.dtype == np.int64
+    np.testing.assert_array_equal(centered, X - p["b_dec"])
+
+    pre = reference_pre(X, p)
+    act = ref.ACTIVATIONS[activation][0]
+    if dtype == np.float64:
+        ref_values, ref_indices = ref.encode(*as64(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"]),
+                                             k, activation)
+        np.testing.assert_array_equal(indices, ref_indices)
+        assert rel_err(values, ref_values) < tol(dtype)
+    else:
+        # The values are the activations of the pre-activations the kernel chose.
+        chosen_pre = np.take_along_axis(pre, indices, axis=1)
+        assert rel_err(values, act(chosen_pre)) < tol(dtype)
+        # Every index distinct, and the choice a top-k up to float32 rounding of the product.
+        assert all(len(set(row)) == k for row in indices.tolist())
+        slack = 1e-4 * max(1.0, float(np.abs(pre).max()))
+        unselected = pre.copy()
+        np.put_along_axis(unselected, indices, -np.inf, axis=1)
+        assert np.all(chosen_pre.min(axis=1) >= unselected.max(axis=1) - slack)
+        # Rows where no rounding can swap the k-th and (k+1)-th: the exact reference set, and
+        # the exact reference order where consecutive selected entries are well apart too.
+        ref_indices = ref.topk_indices(pre, k)
+        top = -np.sort(-pre, axis=1)[:, : min(k + 1, n)]
+        clear_set = sorted_gaps(pre, k) > SAFE_GAP
+        clear_order = clear_set & (np.all(-np.diff(top, axis=1) > SAFE_GAP, axis=1)
+                                   if top.shape[1] > 1 else True)
+        for r in np.flatnonzero(clear_set):
+            assert set(indices[r]) == set(ref_indices[r]), f"row {r}"
+        np.testing.assert_array_equal(indices[clear_order], ref_indices[clear_order])
+
+    # Values in decreasing order (the activations are monotone).
+    assert np.all(np.diff(values, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n_latents,k", [(7, 3), (50, 1), (50, 25), (300, 1), (300, 40),
+                                         (300, 150), (300, 300), (1000, 100)])
+def test_encode_ties_keep_the_lowest_index(rng, dtype, n_threads, n_latents, k):
+    # W_enc = 0 makes pre = b_enc exactly, for every row; b_enc holds few distinct values,
+    # so almost every comparison is a tie.
+    batch, d_in = 6, 13
+    X = np.ascontiguousarray(rng.standard_normal((batch, d_in)), dtype=dtype)
+    W_enc_t = np.zeros((n_latents, d_in), dtype=dtype)
+    b_enc = rng.integers(-2, 3, n_latents).astype(dtype)
+    b_dec = np.zeros(d_in, dtype=dtype)
+    values, indices = _core.encode(X, W_enc_t, b_enc, b_dec, k, "linear", n_threads)
+    pre = np.broadcast_to(b_enc, (batch, n_latents))
+    expected = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(pre, expected, axis=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("k", [1, 5, 64, 200])
+def test_encode_all_equal_pre_activations(dtype, k):
+    # One tie across the whole row: the first k latents, in index order.
+    n_latents, d_in = 200, 16
+    X = np.ones((3, d_in), dtype=dtype)
+    zeros = np.zeros((n_latents, d_in), dtype=dtype)
+    _, indices = _core.encode(X, zeros, np.full(n_latents, 0.25, dtype=dtype),
+                              np.zeros(d_in, dtype=dtype), k, "relu", 1)
+    np.testing.assert_array_equal(indices, np.tile(np.arange(k), (3, 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n_latents,k", [(7, 3), (50, 4), (300, 1), (300, 40), (300, 300),
+                                         (1000, 100)])
+def test_encode_infinities_and_nan(rng, dtype, n_threads, n_latents, k):
+    # Documented: the order is stable_argsort(-pre) with NaN counted as -inf; infinities
+    # are ordinary values (and tie with each other like any equal values).
+    batch, d_in = 5, 13
+    X = np.ascontiguousarray(rng.standard_normal((batch, d_in)), dtype=dtype)
+    choices = np.array([-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan])
+    b_enc = choices[rng.integers(0, len(choices), n_latents)].astype(dtype)
+    zeros = np.zeros((n_latents, d_in), dtype=dtype)
+    values, indices = _core.encode(X, zeros, b_enc, np.zeros(d_in, dtype=dtype), k, "linear",
+                                   n_threads)
+    key = np.where(np.isnan(b_enc), -np.inf, b_enc)
+    expected = np.tile(np.argsort(-key, kind="stable")[:k], (batch, 1))
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(values, b_enc[expected])  # NaN where a NaN was kept
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n_latents,k", [(64, 1), (64, 8), (300, 3), (300, 100), (1024, 32)])
+def test_encode_ties_at_the_kth_value_across_the_row(dtype, n_latents, k):
+    # Rows that are constant but for a few larger entries scattered through the row (at
+    # either end and in the middle): the k-th value is tied by many entries, and the
+    # lowest-indexed ones must fill the code.
+    d_in = 8
+    rows = []
+    for spots in ([n_latents - 1], [0, n_latents // 2, n_latents - 1], list(range(1, n_latents, 37)),
+                  []):
+        b = np.zeros(n_latents)
+        b[spots] = 1.0 + np.arange(len(spots))
+        rows.append(b)
+    for b in rows:
+        b = b.astype(dtype)
+        X = np.ones((2, d_in), dtype=dtype)
+        _, indices = _core.encode(X, np.zeros((n_latents, d_in), dtype=dtype), b,
+                                  np.zeros(d_in, dtype=dtype), k, "relu", 1)
+        expected = np.argsort(-b, kind="stable")[:k]
+        np.testing.assert_array_equal(indices, np.tile(expected, (2, 1)))
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=60)
+@given(data=st.data(), batch=st.integers(1, 9), d_in=st.integers(1, 40),
+       n_latents=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       activation=st.sampled_from(ACTIVATIONS))
+def test_encode_exact_on_integer_data(data, batch, d_in, n_latents, dtype, activation):
+    # Small integers make every pre-activation an exact integer in both precisions, whatever
+    # order the product sums in: the selection must be exactly stable_argsort(-pre)[:k]
+    # (ties abound), for any thread count.
+    k = data.draw(st.integers(1, n_latents), label="k")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    X = rng.integers(-3, 4, (batch, d_in)).astype(dtype)
+    W_enc_t = rng.integers(-2, 3, (n_latents, d_in)).astype(dtype)
+    b_enc = rng.integers(-3, 4, n_latents).astype(dtype)
+    b_dec = rng.integers(-1, 2, d_in).astype(dtype)
+    pre = (X.astype(np.int64) - b_dec.astype(np.int64)) @ W_enc_t.astype(np.int64).T + b_enc.astype(np.int64)
+    expected = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+    want_values = ref.ACTIVATIONS[activation][0](np.take_along_axis(pre, expected, axis=1).astype(np.float64))
+    for n_threads in THREADS:
+        values, indices = _core.encode(X, W_enc_t, b_enc, b_dec, k, activation, n_threads)
+        np.testing.assert_array_equal(indices, expected)
+        assert rel_err(values, want_values) < tol(dtype)
+
+
+def test_reference_topk_matches_stable_argsort(rng):
+    # The reference itself: argpartition-based selection equals the stable argsort.
+    pre = rng.integers(-3, 4, (20, 70)).astype(np.float64)
+    for k in (1, 2, 10, 69, 70):
+        np.testing.assert_array_equal(ref.topk_indices(pre, k),
+                                      np.argsort(-pre, axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(1, 13, 50, 5), (7, 29, 7, 3), (16, 37, 300, 20)],
+                         ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+def test_encode_same_for_one_and_two_threads_single_row_or_single_block(rng, dtype, shape):
+    # Where the product is not split differently (one row, or n_latents below one column
+    # block of the thread split), 1 and 2 threads agree bitwise.
+    batch, d_in, n, k = shape
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    results = [_core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "tanh", nt)
+               for nt in THREADS]
+    if batch == 1 or n <= 16:
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(a, b)
+    else:
+        (v1, i1), (v2, i2) = results
+        assert rel_err(v2, v1) < 10 * np.finfo(dtype).eps
+        pre = reference_pre(X, p)
+        clear = sorted_gaps(pre, k) > SAFE_GAP
+        np.testing.assert_array_equal(i1[clear], i2[clear])
+
+
+def test_encode_default_buffers_match_given_buffers(rng):
+    X, p = encode_inputs(rng, 8, 13, 50, np.float64)
+    args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], 5, "relu", 1)
+    v1, i1 = _core.encode(*args)
+    centered, pre = np.empty((8, 13)), np.empty((8, 50))
+    v2, i2 = _core.encode(*args, centered, pre)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(i1, i2)
+    # pre is scratch holding the product without b_enc.
+    np.testing.assert_allclose(pre + p["b_enc"], reference_pre(X, p), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("shape", [(1, 13, 7, 1), (5, 29, 50, 8), (33, 37, 300, 17),
+                                   (10, 16, 20, 20)], ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decode_matches_reference(rng, shape, n_threads, dtype):
+    batch, d_in, n, k = shape
+    p = make_weights(rng, d_in, n, dtype)
+    values = rng.standard_normal((batch, k)).astype(dtype)
+    indices = np.argsort(rng.random((batch, n)), axis=1)[:, :k].astype(np.int64)
+    out = _core.decode(values, indices, p["W_dec"], p["b_dec"], n_threads)
+    expected = ref.decode(*as64(values, indices, p["W_dec"], p["b_dec"]))
+    assert out.dtype == dtype and out.shape == (batch, d_in)
+    assert rel_err(out, expected) < tol(dtype)
+    # Writing into a given buffer gives the same and returns that buffer.
+    buf = np.full((batch, d_in), np.nan, dtype=dtype)
+    returned = _core.decode(values, indices, p["W_dec"], p["b_dec"], n_threads, buf)
+    np.testing.assert_array_equal(buf, out)
+    assert np.shares_memory(returned, buf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decode_same_for_one_and_two_threads(rng, dtype):
+    p = make_weights(rng, 37, 300, dtype)
+    values = rng.standard_normal((40, 12)).astype(dtype)
+    indices = rng.integers(0, 300, (40, 12))
+    a = _core.decode(values, indices, p["W_dec"], p["b_dec"], 1)
+    b = _core.decode(values, indices, p["W_dec"], p["b_dec"], 2)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 7, 100])
+def test_decode_out_of_range_indices_raise(rng, bad):
+    p = make_weights(rng, 5, 7)
+    values = np.ones((3, 2))
+    indices = np.array([[0, 1], [2, bad], [3, 4]], dtype=np.int64)
+    with pytest.raises(ValueError, match="indices") as info:
+        _core.decode(values, indices, p["W_dec"], p["b_dec"])
+    assert str(bad) in str(info.value)
+
+
+# --------------------------------------------------------------------------------- backward
+def backward_inputs(rng, batch, d_in, n, k, dtype, activation):
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    centered = np.empty_like(X)
+    values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, activation, 1,
+                                   centered, None)
+    grad_out = np.ascontiguousarray(rng.standard_normal((batch, d_in)), dtype=dtype)
+    return X, p, centered, values, indices, grad_out
+
+
+def core_backward(p, grad_out, centered, values, indices, activation, project, n_threads):
+    grads = {name: np.full_like(p[name], np.nan) for name in ("W_enc_t", "b_enc", "W_dec", "b_dec")}
+    result = _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"],
+                            activation, project, n_threads, grads["W_enc_t"], grads["b_enc"],
+                            grads["W_dec"], grads["b_dec"])
+    assert result is None
+    return grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("project", [False, True], ids=["plain", "projected"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_matches_reference(rng, shape, activation, project, n_threads, dtype):
+    batch, d_in, n, k = shape
+    X, p, centered, values, indices, grad_out = backward_inputs(rng, batch, d_in, n, k, dtype,
+                                                                activation)
+    got = core_backward(p, grad_out, centered, values, indices, activation, project, n_threads)
+    expected = ref.backward(*as64(grad_out, X, values), indices, *as64(p["W_enc_t"].T, p["b_dec"],
+                            p["W_dec"]), activation, project)
+    # The core returns the gradient of W_enc transposed (the internal layout).
+    pairs = {"W_enc_t": expected["W_enc"].T, "b_enc": expected["b_enc"],
+             "W_dec": expected["W_dec"], "b_dec": expected["b_dec"]}
+    for name, want in pairs.items():
+        assert got[name].dtype == dtype
+        assert rel_err(got[name], want) < tol(dtype), name
+    # Latents no row selected get exactly zero gradient (the buffers were NaN-filled).
+    unused = np.setdiff1d(np.arange(n), indices)
+    for name in ("W_enc_t", "b_enc", "W_dec"):
+        assert np.all(got[name][unused] == 0), name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("project", [False, True], ids=["plain", "projected"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_bitwise_identical_for_one_and_two_threads(rng, activation, project, dtype):
+    # Gradient rows are owned by latents and grad_b_dec by feature slices, so the summation
+    # order does not depend on the thread count.
+    inputs = backward_inputs(rng, 65, 37, 300, 17, dtype, activation)
+    X, p, centered, values, indices, grad_out = inputs
+    one, two = (core_backward(p, grad_out, centered, values, indices, activation, project, nt)
+                for nt in THREADS)
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_projected_decoder_gradient_is_orthogonal_to_rows(rng, dtype):
+    X, p, centered, values, indices, grad_out = backward_inputs(rng, 20, 29, 50, 6, dtype, "relu")
+    grads = core_backward(p, grad_out, centered, values, indices, "relu", True, 2)
+    dots = np.einsum("ij,ij->i", grads["W_dec"].astype(np.float64), p["W_dec"].astype(np.float64))
+    scale = np.linalg.norm(grads["W_dec"].astype(np.float64), axis=1) + 1e-30
+    assert np.all(np.abs(dots) / scale < 100 * np.finfo(dtype).eps)
+    assert np.linalg.norm(grads["W_dec"]) > 0
+
+
+def test_backward_out_of_range_indices_raise(rng):
+    X, p, centered, values, indices, grad_out = backward_inputs(rng, 4, 5, 7, 2, np.float64, "relu")
+    indices = indices.copy()
+    indices[1, 1] = 7
+    with pytest.raises(ValueError, match="indices"):
+        core_backward(p, grad_out, centered, values, indices, "relu", False, 1)
+
+
+# --------------------------------------------------------------------------------- optimizers
+PARAM_SHAPES = [(37,), (13, 29), (1, 16), (50, 37)]
+
+
+def optimizer_inputs(rng, shape, dtype, steps):
+    param = np.ascontiguousarray(rng.standard_normal(shape), dtype=dtype)
+    grads = [np.ascontiguousarray(rng.standard_normal(shape), dtype=dtype) for _ in range(steps)]
+    return param, grads
+
+
+@pytest.mark.parametrize("shape", PARAM_SHAPES, ids=str)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("unit_norm_rows", [False, True], ids=["free", "unit"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_adam_update_matches_reference(rng, shape, weight_decay, unit_norm_rows, n_threads, dtype):
+    steps = 4
+    param, grads = optimizer_inputs(rng, shape, dtype, steps)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    p64, m64, v64 = as64(param), np.zeros(shape), np.zeros(shape)
+    settings = dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=weight_decay)
+    for step, g in enumerate(grads, start=1):
+        _core.adam_update(param, g, m, v, settings["lr"], settings["beta1"], settings["beta2"],
+                          settings["eps"], weight_decay, step, unit_norm_rows, n_threads)
+        ref.adam_update(p64, as64(g), m64, v64, step=step, unit_norm_rows=unit_norm_rows,
+                        **settings)
+        for got, want in ((param, p64), (m, m64), (v, v64)):
+            assert got.dtype == dtype
+            assert rel_err(got, want) < tol(dtype), f"step {step}"
+    if unit_norm_rows:
+        norms = np.linalg.norm(param.reshape(-1, shape[-1]).astype(np.float64), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=10 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("shape", PARAM_SHAPES, ids=str)
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)],
+                         ids=["plain", "momentum", "nesterov"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("unit_norm_rows", [False, True], ids=["free", "unit"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_sgd_update_matches_reference(rng, shape, momentum, nesterov, weight_decay,
+                                      unit_norm_rows, n_threads, dtype):
+    steps = 4
+    param, grads = optimizer_inputs(rng, shape, dtype, steps)
+    buf = np.zeros_like(param) if momentum else None
+    p64, buf64 = as64(param), np.zeros(shape)
+    for step, g in enumerate(grads, start=1):
+        _core.sgd_update(param, g, buf, 0.05, momentum, nesterov, weight_decay, unit_norm_rows,
+                         n_threads)
+        ref.sgd_update(p64, as64(g), buf64, lr=0.05, momentum=momentum, nesterov=nesterov,
+                       weight_decay=weight_decay, unit_norm_rows=unit_norm_rows)
+        assert rel_err(param, p64) < tol(dtype), f"step {step}"
+        if momentum:
+            assert rel_err(buf, buf64) < tol(dtype), f"step {step}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("unit_norm_rows", [False, True], ids=["free", "unit"])
+def test_optimizer_updates_bitwise_identical_for_one_and_two_threads(rng, dtype, unit_norm_rows):
+    param0, grads = optimizer_inputs(rng, (300, 37), dtype, 3)
+    results = []
+    for nt in THREADS:
+        pa, m, v = param0.copy(), np.zeros_like(param0), np.zeros_like(param0)
+        ps, buf = param0.copy(), np.zeros_like(param0)
+        for step, g in enumerate(grads, start=1):
+            _core.adam_update(pa, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.01, step, unit_norm_rows, nt)
+            _core.sgd_update(ps, g, buf, 1e-2, 0.9, True, 0.01, unit_norm_rows, nt)
+        results.append((pa, m, v, ps, buf))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sgd_requires_buffer_with_momentum(rng):
+    param, (g,) = optimizer_inputs(rng, (4, 5), np.float64, 1)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        _core.sgd_update(param, g, None, 0.1, 0.9, False, 0.0)
+    before = param.copy()
+    _core.sgd_update(param, g, None, 0.1, 0.0, False, 0.0)  # plain SGD needs no buffer
+    np.testing.assert_allclose(param, before - 0.1 * g, rtol=1e-15)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(step=0), "step"), (dict(lr=-1.0), "lr"),
+                                       (dict(beta1=1.0), "beta1"), (dict(beta2=-0.1), "beta2"),
+                                       (dict(eps=0.0), "eps")])
+def test_adam_update_rejects_bad_settings(rng, bad, match):
+    param, (g,) = optimizer_inputs(rng, (3, 4), np.float64, 1)
+    settings = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    settings.update(bad)
+    before = param.copy()
+    with pytest.raises(ValueError, match=match):
+        _core.adam_update(param, g, np.zeros_like(param), np.zeros_like(param), **settings)
+    np.testing.assert_array_equal(param, before)
+
+
+# --------------------------------------------------------------------------------- binding errors
+@pytest.fixture
+def encode_args(rng):
+    X, p = encode_inputs(rng, 3, 5, 4, np.float64)
+    return {"X": X, "W_enc_t": p["W_enc_t"], "b_enc": p["b_enc"], "b_dec": p["b_dec"], "k": 2}
+
+
+@pytest.mark.parametrize("name", ["W_enc_t", "b_enc", "b_dec"])
+def test_encode_wrong_dtype_names_argument(encode_args, name):
+    encode_args[name] = encode_args[name].astype(np.float32)
+    with pytest.raises(TypeError, match=rf"^{name}: .*float64.*float32"):
+        _core.encode(**encode_args)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.complex128])
+def test_encode_unsupported_input_dtype_names_X(encode_args, dtype):
+    encode_args["X"] = encode_args["X"].astype(dtype)
+    with pytest.raises(TypeError, match=r"^X: "):
+        _core.encode(**encode_args)
+
+
+def test_encode_non_array_names_argument(encode_args):
+    encode_args["b_enc"] = encode_args["b_enc"].tolist()
+    with pytest.raises(TypeError, match="b_enc: expected a numpy array"):
+        _core.encode(**encode_args)
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("b_enc", (5,), "(4,)"), ("b_dec", (6,), "(5,)"), ("X", (3, 6), "(*, 5)")])
+def test_encode_wrong_shape_names_argument_and_both_shapes(encode_args, name, shape, expected):
+    encode_args[name] = np.zeros(shape)
+    with pytest.raises(ValueError) as info:
+        _core.encode(**encode_args)
+    message = str(info.value)
+    assert message.startswith(f"{name}:")
+    assert expected in message and str(shape) in message
+
+
+@pytest.mark.parametrize("name,shape", [("centered", (3, 4)), ("pre", (3, 5))])
+def test_encode_wrong_buffer_shape(encode_args, name, shape):
+    with pytest.raises(ValueError, match=rf"^{name}: .*{shape[0]}, {shape[1]}"):
+        _core.encode(**encode_args, **{name: np.zeros(shape)})
+
+
+@pytest.mark.parametrize("name", ["X", "W_enc_t"])
+def test_encode_non_contiguous_raises(encode_args, name):
+    encode_args[name] = np.asfortranarray(encode_args[name])
+    with pytest.raises(ValueError, match=rf"^{name}: .*not C-contiguous"):
+        _core.encode(**encode_args)
+
+
+def test_encode_strided_view_raises(encode_args):
+    wide = np.zeros((3, 10))
+    encode_args["X"] = wide[:, ::2]
+    with pytest.raises(ValueError, match="X: .*not C-contiguous"):
+        _core.encode(**encode_args)
+
+
+@pytest.mark.parametrize("k", [0, -1, 5, 100])
+def test_encode_bad_k_raises(encode_args, k):
+    encode_args["k"] = k
+    with pytest.raises(ValueError, match=r"^k: .*n_latents = 4"):
+        _core.encode(**encode_args)
+
+
+@pytest.mark.parametrize("activation", ["rleu", "", "ReLU", "gelu"])
+def test_encode_unknown_activation_raises(encode_args, activation):
+    with pytest.raises(ValueError, match="activation"):
+        _core.encode(**encode_args, activation=activation)
+
+
+@pytest.mark.parametrize("name", ["centered", "pre"])
+def test_encode_read_only_buffer_raises(encode_args, name):
+    shape = {"centered": (3, 5), "pre": (3, 4)}[name]
+    buf = np.zeros(shape)
+    buf.flags.writeable = False
+    with pytest.raises(ValueError, match=rf"^{name}: .*read-only"):
+        _core.encode(**encode_args, **{name: buf})
+    assert np.all(buf == 0)
+
+
+def test_decode_binding_errors(rng):
+    p = make_weights(rng, 5, 7)
+    values = np.ones((3, 2))
+    indices = np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int64)
+    with pytest.raises(TypeError, match="^indices: .*int64.*int32"):
+        _core.decode(values, indices.astype(np.int32), p["W_dec"], p["b_dec"])
+    with pytest.raises(TypeError, match="^W_dec: .*float32.*float64"):
+        _core.decode(values.astype(np.float32), indices, p["W_dec"], p["b_dec"])
+    with pytest.raises(ValueError, match=r"^indices: .*\(3, 2\).*\(3, 3\)"):
+        _core.decode(values, np.zeros((3, 3), dtype=np.int64), p["W_dec"], p["b_dec"])
+    with pytest.raises(ValueError, match=r"^b_dec: .*\(5,\).*\(4,\)"):
+        _core.decode(values, indices, p["W_dec"], np.zeros(4))
+    with pytest.raises(ValueError, match=r"^values: .*not C-contiguous"):
+        _core.decode(np.ones((2, 3)).T, indices, p["W_dec"], p["b_dec"])
+    with pytest.raises(ValueError, match=r"^out: .*\(3, 5\).*\(3, 4\)"):
+        _core.decode(values, indices, p["W_dec"], p["b_dec"], 1, np.zeros((3, 4)))
+    out = np.zeros((3, 5))
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="^out: .*read-only"):
+        _core.decode(values, indices, p["W_dec"], p["b_dec"], 1, out)
+
+
+def test_backward_binding_errors(rng):
+    X, p, centered, values, indices, grad_out = backward_inputs(rng, 4, 5, 7, 2, np.float64, "relu")
+    grads = [np.zeros_like(p[name]) for name in ("W_enc_t", "b_enc", "W_dec", "b_dec")]
+    args = [grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], "relu", False, 1]
+
+    def call(**replace):
+        names = ["grad_out", "centered", "values", "indices", "W_enc_t", "W_dec", "activation",
+                 "project_decoder_grad", "n_threads", "grad_W_enc_t", "grad_b_enc",
+                 "grad_W_dec", "grad_b_dec"]
+        kwargs = dict(zip(names, args + grads))
+        kwargs.update(replace)
+        _core.backward(**kwargs)
+
+    call()  # the unmodified call works
+    with pytest.raises(TypeError, match="^grad_out: .*float64.*float32"):
+        call(grad_out=grad_out.astype(np.float32))
+    with pytest.raises(ValueError, match=r"^centered: .*\(4, 5\).*\(4, 6\)"):
+        call(centered=np.zeros((4, 6)))
+    with pytest.raises(ValueError, match=r"^grad_W_dec: .*\(7, 5\).*\(5, 7\)"):
+        call(grad_W_dec=np.zeros((5, 7)))
+    with pytest.raises(ValueError, match=r"^grad_W_enc_t: .*not C-contiguous"):
+        call(grad_W_enc_t=np.zeros((5, 7)).T)
+    with pytest.raises(ValueError, match="activation"):
+        call(activation="softmax")
+    read_only = np.zeros(5)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="^grad_b_dec: .*read-only"):
+        call(grad_b_dec=read_only)
+
+
+def test_optimizer_binding_errors(rng):
+    param, (g,) = optimizer_inputs(rng, (3, 4), np.float64, 1)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    settings = (0.1, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(TypeError, match="^grad: .*float64.*float32"):
+        _core.adam_update(param, g.astype(np.float32), m, v, *settings)
+    with pytest.raises(ValueError, match=r"^exp_avg_sq: .*\(3, 4\).*\(4, 3\)"):
+        _core.adam_update(param, g, m, np.zeros((4, 3)), *settings)
+    with pytest.raises(ValueError, match="^param: .*not C-contiguous"):
+        _core.adam_update(np.asfortranarray(param), g, m, v, *settings)
+    with pytest.raises(ValueError, match="^param: expected a 1-D or 2-D array"):
+        _core.adam_update(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), np.zeros((2, 2, 2)),
+                          np.zeros((2, 2, 2)), *settings)
+    read_only = param.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="^param: .*read-only"):
+        _core.adam_update(read_only, g, m, v, *settings)
+    with pytest.raises(ValueError, match="^exp_avg: .*read-only"):
+        m_ro = m.copy()
+        m_ro.flags.writeable = False
+        _core.adam_update(param, g, m_ro, v, *settings)
+    with pytest.raises(ValueError, match=r"^momentum_buffer: .*\(3, 4\).*\(3, 5\)"):
+        _core.sgd_update(param, g, np.zeros((3, 5)), 0.1, 0.9, False, 0.0)
+    with pytest.raises(TypeError, match="^param: expected a numpy array"):
+        _core.sgd_update([1.0, 2.0], g, None, 0.1, 0.0, False, 0.0)
+    with pytest.raises(ValueError, match="lr"):
+        _core.sgd_update(param, g, None, -0.1, 0.0, False, 0.0)
+
+
+def test_build_info_reports_openmp_and_threads():
+    import ksae
+
+    info = ksae.build_info()
+    assert info["openmp"] == ksae.has_openmp()
+    assert isinstance(info["max_threads"], int) and info["max_threads"] >= 1
+    assert _core.max_threads() == info["max_threads"]
