@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -618,3 +619,28 @@ def test_build_info_reports_openmp_and_threads():
     assert info["openmp"] == ksae.has_openmp()
     assert isinstance(info["max_threads"], int) and info["max_threads"] >= 1
     assert _core.max_threads() == info["max_threads"]
+
+
+def test_kernels_leave_the_callers_subnormal_mode_alone(rng):
+    # The kernels flush subnormals to zero inside their own threads only; afterwards NumPy
+    # on the calling thread must still produce subnormals.
+    X, p = encode_inputs(rng, 8, 13, 50, np.float32)
+    _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], 5, "relu", 1)
+    param = np.ones((3, 4), np.float32)
+    _core.adam_update(param, np.full_like(param, 1e-20), np.zeros_like(param), np.zeros_like(param),
+                      1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True, 1)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    assert tiny * np.float32(0.5) > 0
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="subnormal flushing uses the x86 MXCSR register")
+def test_adam_moments_do_not_keep_subnormals(rng):
+    # Moments of parameters whose gradient stops decay geometrically; they are flushed to zero
+    # rather than left subnormal (subnormal arithmetic is ~100x slower on x86).
+    param = np.ones(64, np.float32)
+    m = np.full(64, np.finfo(np.float32).tiny * 4, np.float32)
+    v = np.zeros(64, np.float32)
+    for step in range(1, 40):
+        _core.adam_update(param, np.zeros_like(param), m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, step, False, 1)
+    assert not np.any((m != 0) & (np.abs(m) < np.finfo(np.float32).tiny))

@@ -13,15 +13,24 @@ namespace ksae {
 // the same summation order for any thread count.
 struct LatentGroups {
   std::vector<Index> offsets;
-  std::vector<Index> entries;
+  std::vector<Index> entries;  // flat positions r*k + s
+  std::vector<Index> rows;     // their rows r
 
-  void build(const LatentIndex* indices, Index count, Index n_latents) {
+  void build(const LatentIndex* indices, Index batch, Index k, Index n_latents) {
+    const Index count = batch * k;
     offsets.assign(static_cast<size_t>(n_latents) + 1, 0);
     for (Index p = 0; p < count; ++p) ++offsets[indices[p] + 1];
     for (Index j = 0; j < n_latents; ++j) offsets[j + 1] += offsets[j];
     entries.resize(static_cast<size_t>(count));
+    rows.resize(static_cast<size_t>(count));
     std::vector<Index> next(offsets.begin(), offsets.end() - 1);
-    for (Index p = 0; p < count; ++p) entries[next[indices[p]]++] = p;
+    for (Index r = 0; r < batch; ++r) {
+      for (Index s = 0; s < k; ++s) {
+        const Index e = next[indices[r * k + s]]++;
+        entries[e] = r * k + s;
+        rows[e] = r;
+      }
+    }
   }
 };
 
@@ -48,10 +57,11 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   const Index count = batch * k;
   std::vector<T> dpre(static_cast<size_t>(count));
   LatentGroups groups;
-  groups.build(indices, count, n_latents);
+  groups.build(indices, batch, k, n_latents);
 
 #pragma omp parallel num_threads(nt)
   {
+    FlushSubnormals flush;
 #pragma omp for schedule(static)
     for (Index p = 0; p < count; ++p) {
       const Index r = p / k;
@@ -70,19 +80,17 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         grad_b_enc[j] = T(0);
         continue;
       }
+      const Index* entries = groups.entries.data() + begin;
+      const Index* rows = groups.rows.data() + begin;
+      const Index count = end - begin;
+      weighted_row_sum(gd.data(), d_in, count, [&](Index e) {
+        return std::make_pair(values[entries[e]], grad_out + rows[e] * d_in);
+      }, static_cast<const T*>(nullptr));
+      weighted_row_sum(ge.data(), d_in, count, [&](Index e) {
+        return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
+      }, static_cast<const T*>(nullptr));
       T gb = T(0);
-      for (Index e = begin; e < end; ++e) {
-        const Index p = groups.entries[e];
-        const Index r = p / k;
-        if (e == begin) {
-          gd.noalias() = values[p] * ConstRow(grad_out + r * d_in, d_in);
-          ge.noalias() = dpre[p] * ConstRow(centered + r * d_in, d_in);
-        } else {
-          gd.noalias() += values[p] * ConstRow(grad_out + r * d_in, d_in);
-          ge.noalias() += dpre[p] * ConstRow(centered + r * d_in, d_in);
-        }
-        gb += dpre[p];
-      }
+      for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
       grad_b_enc[j] = gb;
       if (project_decoder_grad) {
         ConstRow w(W_dec + j * d_in, d_in);

@@ -24,6 +24,7 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
   const int nt = resolve_threads(n_threads);
 #pragma omp parallel num_threads(nt)
   {
+    FlushSubnormals flush;
 #pragma omp for schedule(static)
     for (Index r = 0; r < batch; ++r) {
       const T* x = X + r * d_in;
@@ -64,15 +65,15 @@ template <class T>
 void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Index k,
                    const T* W_dec, const T* b_dec, Index d_in, int n_threads, T* out) {
   const int nt = resolve_threads(n_threads);
-  Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias(b_dec, d_in);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (Index r = 0; r < batch; ++r) {
-    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(out + r * d_in, d_in);
-    o = bias;
-    for (Index s = 0; s < k; ++s) {
-      Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> w(W_dec + indices[r * k + s] * d_in,
-                                                               d_in);
-      o.noalias() += values[r * k + s] * w;
+#pragma omp parallel num_threads(nt)
+  {
+    FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (Index r = 0; r < batch; ++r) {
+      const T* v = values + r * k;
+      const LatentIndex* idx = indices + r * k;
+      weighted_row_sum(out + r * d_in, d_in, k,
+                       [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d_in); }, b_dec);
     }
   }
 }

@@ -12,12 +12,17 @@ template <class F>
 void for_each_span(Index rows, Index cols, bool by_row, int n_threads, F fn) {
   const int nt = resolve_threads(n_threads);
   if (by_row) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (Index r = 0; r < rows; ++r) fn(r * cols, (r + 1) * cols, true);
+#pragma omp parallel num_threads(nt)
+    {
+      FlushSubnormals flush;
+#pragma omp for schedule(static)
+      for (Index r = 0; r < rows; ++r) fn(r * cols, (r + 1) * cols, true);
+    }
   } else {
     const Index total = rows * cols;
 #pragma omp parallel num_threads(nt)
     {
+      FlushSubnormals flush;
       int tid = 0, nth = 1;
 #ifdef KSAE_HAVE_OPENMP
       tid = omp_get_thread_num();
@@ -33,12 +38,9 @@ void for_each_span(Index rows, Index cols, bool by_row, int n_threads, F fn) {
 // Scales param[begin:end] to unit Euclidean norm (left alone if it is all zeros).
 template <class T>
 inline void normalize_span(T* param, Index begin, Index end) {
-  T ss = T(0);
-  for (Index i = begin; i < end; ++i) ss += param[i] * param[i];
-  if (ss > T(0)) {
-    const T inv = T(1) / std::sqrt(ss);
-    for (Index i = begin; i < end; ++i) param[i] *= inv;
-  }
+  Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> row(param + begin, end - begin);
+  const T ss = row.squaredNorm();  // Eigen's reduction vectorises; a plain loop would not
+  if (ss > T(0)) row *= T(1) / std::sqrt(ss);
 }
 
 struct AdamSettings {
@@ -50,6 +52,22 @@ struct AdamSettings {
 //     m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
 //     p = p*(1 - lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 // With unit_norm_rows, each row of p is then rescaled to unit norm.
+// The elementwise Adam update of [begin, end). Raw restrict pointers (not lambda captures,
+// which the compiler must assume alias the stores) let the loop vectorise.
+template <class T>
+inline void adam_span(T* __restrict param, const T* __restrict grad, T* __restrict m,
+                      T* __restrict v, Index begin, Index end, T b1, T b2, T eps, T step_size,
+                      T inv_sqrt_bc2, T decay) {
+  for (Index i = begin; i < end; ++i) {
+    const T g = grad[i];
+    const T mi = b1 * m[i] + (T(1) - b1) * g;
+    const T vi = b2 * v[i] + (T(1) - b2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = param[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+  }
+}
+
 template <class T>
 void adam_update(T* param, const T* grad, T* m, T* v, Index rows, Index cols,
                  const AdamSettings& s, bool unit_norm_rows, int n_threads) {
@@ -57,15 +75,8 @@ void adam_update(T* param, const T* grad, T* m, T* v, Index rows, Index cols,
   const T step_size = T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
   const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
   const T decay = T(1.0 - s.lr * s.weight_decay);
-  for_each_span(rows, cols, unit_norm_rows, n_threads, [&](Index begin, Index end, bool row) {
-    for (Index i = begin; i < end; ++i) {
-      const T g = grad[i];
-      const T mi = b1 * m[i] + (T(1) - b1) * g;
-      const T vi = b2 * v[i] + (T(1) - b2) * g * g;
-      m[i] = mi;
-      v[i] = vi;
-      param[i] = param[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-    }
+  for_each_span(rows, cols, unit_norm_rows, n_threads, [=](Index begin, Index end, bool row) {
+    adam_span(param, grad, m, v, begin, end, b1, b2, eps, step_size, inv_sqrt_bc2, decay);
     if (row) normalize_span(param, begin, end);
   });
 }
@@ -79,20 +90,34 @@ struct SgdSettings {
 //     g' = g + wd*p;  buf = momentum*buf + g';  d = nesterov ? g' + momentum*buf : buf
 //     p  = p - lr*d                     (buf may be null when momentum == 0: d = g')
 template <class T>
+inline void sgd_span(T* __restrict param, const T* __restrict grad, T* __restrict buf, Index begin,
+                     Index end, T lr, T mu, T wd, bool nesterov) {
+  if (buf == nullptr) {
+    for (Index i = begin; i < end; ++i) param[i] -= lr * (grad[i] + wd * param[i]);
+  } else if (nesterov) {
+    for (Index i = begin; i < end; ++i) {
+      const T d = grad[i] + wd * param[i];
+      const T b = mu * buf[i] + d;
+      buf[i] = b;
+      param[i] -= lr * (d + mu * b);
+    }
+  } else {
+    for (Index i = begin; i < end; ++i) {
+      const T b = mu * buf[i] + grad[i] + wd * param[i];
+      buf[i] = b;
+      param[i] -= lr * b;
+    }
+  }
+}
+
+template <class T>
 void sgd_update(T* param, const T* grad, T* buf, Index rows, Index cols, const SgdSettings& s,
                 bool unit_norm_rows, int n_threads) {
   const T lr = T(s.lr), mu = T(s.momentum), wd = T(s.weight_decay);
-  const bool use_buf = buf != nullptr && s.momentum != 0.0;
-  for_each_span(rows, cols, unit_norm_rows, n_threads, [&](Index begin, Index end, bool row) {
-    for (Index i = begin; i < end; ++i) {
-      T d = grad[i] + wd * param[i];
-      if (use_buf) {
-        const T b = mu * buf[i] + d;
-        buf[i] = b;
-        d = s.nesterov ? d + mu * b : b;
-      }
-      param[i] -= lr * d;
-    }
+  T* momentum = (buf != nullptr && s.momentum != 0.0) ? buf : nullptr;
+  const bool nesterov = s.nesterov;
+  for_each_span(rows, cols, unit_norm_rows, n_threads, [=](Index begin, Index end, bool row) {
+    sgd_span(param, grad, momentum, begin, end, lr, mu, wd, nesterov);
     if (row) normalize_span(param, begin, end);
   });
 }

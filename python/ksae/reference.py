@@ -158,6 +158,11 @@ class DenseNumpySAE:
         p = self.params
         return encode(X, p["W_enc"], p["b_enc"], p["b_dec"], self.k, self.activation)
 
+    def encode_decode(self, X):
+        """The reconstruction of X."""
+        p = self.params
+        return decode(*self.encode(X), p["W_dec"], p["b_dec"])
+
     def step(self, X) -> float:
         """One Adam step on the batch X; returns the batch loss before the update."""
         p = self.params
