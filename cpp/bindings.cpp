@@ -238,6 +238,43 @@ void sgd_impl(const py::object& param, const py::object& grad, const py::object&
   ksae::sgd_update<T>(p, g, b, rows, cols, s, unit_norm_rows, n_threads);
 }
 
+template <class T>
+void rmsprop_impl(const py::object& param, const py::object& grad, const py::object& square_avg,
+                  const py::object& buf, const ksae::RmspropSettings& s, bool unit_norm_rows,
+                  int n_threads) {
+  const auto shape = param_shape(param, "param");
+  T* p = checked<T>(param, "param", shape, true);
+  const T* g = checked<T>(grad, "grad", shape);
+  T* sq = checked<T>(square_avg, "square_avg", shape, true);
+  T* b = buf.is_none() ? nullptr : checked<T>(buf, "momentum_buffer", shape, true);
+  if (b == nullptr && s.momentum != 0.0) {
+    throw py::value_error("momentum_buffer: required when momentum != 0");
+  }
+  const auto [rows, cols] = rows_cols(shape);
+  py::gil_scoped_release release;
+  ksae::rmsprop_update<T>(p, g, sq, b, rows, cols, s, unit_norm_rows, n_threads);
+}
+
+void check_rmsprop(const ksae::RmspropSettings& s) {
+  if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
+  if (!(s.alpha >= 0 && s.alpha < 1)) throw py::value_error("alpha: expected 0 <= alpha < 1");
+  if (!(s.eps > 0)) throw py::value_error("eps: expected a value > 0");
+  if (!(s.momentum >= 0 && s.momentum < 1)) {
+    throw py::value_error("momentum: expected 0 <= momentum < 1");
+  }
+  if (!(s.weight_decay >= 0)) throw py::value_error("weight_decay: expected a value >= 0");
+}
+
+template <class T>
+double squared_norm_impl(const py::object& array, int n_threads) {
+  auto arr = py::reinterpret_borrow<py::array>(array);
+  const std::vector<Index> shape(arr.shape(), arr.shape() + arr.ndim());
+  const T* x = checked<T>(array, "array", shape);
+  const Index n = static_cast<Index>(arr.size());
+  py::gil_scoped_release release;
+  return ksae::squared_norm<T>(x, n, n_threads);
+}
+
 void check_adam(const ksae::AdamSettings& s) {
   if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
   if (!(s.beta1 >= 0 && s.beta1 < 1)) throw py::value_error("beta1: expected 0 <= beta1 < 1");
@@ -379,4 +416,37 @@ PYBIND11_MODULE(_core, m) {
       py::arg("momentum"), py::arg("nesterov"), py::arg("weight_decay"),
       py::arg("unit_norm_rows") = false, py::arg("n_threads") = 0,
       "One fused SGD (momentum, Nesterov) update in place (PyTorch's formulation).");
+
+  m.def(
+      "rmsprop_update",
+      [](const py::object& param, const py::object& grad, const py::object& square_avg,
+         const py::object& momentum_buffer, double lr, double alpha, double eps, double momentum,
+         double weight_decay, bool unit_norm_rows, int n_threads) {
+        const ksae::RmspropSettings s{lr, alpha, eps, momentum, weight_decay};
+        check_rmsprop(s);
+        if (is_float32(param)) {
+          rmsprop_impl<float>(param, grad, square_avg, momentum_buffer, s, unit_norm_rows, n_threads);
+        } else {
+          rmsprop_impl<double>(param, grad, square_avg, momentum_buffer, s, unit_norm_rows, n_threads);
+        }
+      },
+      py::arg("param"), py::arg("grad"), py::arg("square_avg"), py::arg("momentum_buffer"),
+      py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("momentum"),
+      py::arg("weight_decay"), py::arg("unit_norm_rows") = false, py::arg("n_threads") = 0,
+      "One fused RMSprop update in place (PyTorch's formulation, not centered; weight_decay is\n"
+      "an L2 term added to the gradient). momentum_buffer may be None when momentum == 0.");
+
+  m.def(
+      "squared_norm",
+      [](const py::object& array, int n_threads) {
+        if (!py::isinstance<py::array>(array)) {
+          throw py::type_error("array: expected a numpy array, got " +
+                               std::string(py::str(array.get_type().attr("__name__"))));
+        }
+        return is_float32(array) ? squared_norm_impl<float>(array, n_threads)
+                                 : squared_norm_impl<double>(array, n_threads);
+      },
+      py::arg("array"), py::arg("n_threads") = 0,
+      "Sum of the squares of a C-contiguous float32/float64 array of any shape, accumulated\n"
+      "in double. Fixed-size chunks summed in order: bitwise the same for any n_threads.");
 }

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import ksae
-from ksae import _core
 from ksae import reference as ref
 from ksae.model import _WORKSPACE_BYTES
 

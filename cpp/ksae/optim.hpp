@@ -3,6 +3,8 @@
 
 #include "common.hpp"
 
+#include <vector>
+
 namespace ksae {
 
 // Runs fn(begin, end, row) over a (rows x cols) array in parallel: one row at a time when
@@ -120,6 +122,103 @@ void sgd_update(T* param, const T* grad, T* buf, Index rows, Index cols, const S
     sgd_span(param, grad, momentum, begin, end, lr, mu, wd, nesterov);
     if (row) normalize_span(param, begin, end);
   });
+}
+
+struct RmspropSettings {
+  double lr, alpha, eps, momentum, weight_decay;  // weight_decay is added to the gradient (L2)
+};
+
+// RMSprop (PyTorch's formulation, not centered), in place:
+//     g' = g + wd*p;  sq = alpha*sq + (1-alpha)*g'^2;  avg = sqrt(sq) + eps
+//     momentum > 0:  buf = momentum*buf + g'/avg;  p = p - lr*buf
+//     otherwise:     p = p - lr*g'/avg          (buf may be null when momentum == 0)
+template <class T>
+inline void rmsprop_span(T* __restrict param, const T* __restrict grad, T* __restrict sq,
+                         T* __restrict buf, Index begin, Index end, T lr, T alpha, T eps, T mu,
+                         T wd) {
+  const T one_minus_alpha = T(1) - alpha;
+  if (buf == nullptr) {
+    for (Index i = begin; i < end; ++i) {
+      const T g = grad[i] + wd * param[i];
+      const T s = alpha * sq[i] + one_minus_alpha * (g * g);
+      sq[i] = s;
+      param[i] -= lr * (g / (std::sqrt(s) + eps));
+    }
+  } else {
+    for (Index i = begin; i < end; ++i) {
+      const T g = grad[i] + wd * param[i];
+      const T s = alpha * sq[i] + one_minus_alpha * (g * g);
+      sq[i] = s;
+      const T b = mu * buf[i] + g / (std::sqrt(s) + eps);
+      buf[i] = b;
+      param[i] -= lr * b;
+    }
+  }
+}
+
+template <class T>
+void rmsprop_update(T* param, const T* grad, T* square_avg, T* buf, Index rows, Index cols,
+                    const RmspropSettings& s, bool unit_norm_rows, int n_threads) {
+  const T lr = T(s.lr), alpha = T(s.alpha), eps = T(s.eps), mu = T(s.momentum),
+          wd = T(s.weight_decay);
+  T* momentum = (buf != nullptr && s.momentum != 0.0) ? buf : nullptr;
+  for_each_span(rows, cols, unit_norm_rows, n_threads, [=](Index begin, Index end, bool row) {
+    rmsprop_span(param, grad, square_avg, momentum, begin, end, lr, alpha, eps, mu, wd);
+    if (row) normalize_span(param, begin, end);
+  });
+}
+
+// Elements per chunk of the squared-norm reduction. Fixed, so the chunks (and the order in
+// which their sums are added) do not depend on the thread count.
+constexpr Index kNormChunk = Index(1) << 14;
+
+// sum(double(x[i])^2) over [0, n) in a fixed order: kLanes independent accumulators (each
+// lane a separate sum, so the loop vectorises without reassociating anything), then the
+// lanes added pairwise, then the tail.
+template <class T>
+inline double squared_norm_span(const T* __restrict x, Index n) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Index i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double v = double(x[i + j]);
+      acc[j] += v * v;
+    }
+  }
+  double total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) {
+    const double v = double(x[i]);
+    total += v * v;
+  }
+  return total;
+}
+
+// Sum of squares of x[0:n], accumulated in double. Each fixed-size chunk is summed by one
+// thread and the chunk sums are added in chunk order, so the result is bitwise the same for
+// any thread count.
+template <class T>
+double squared_norm(const T* x, Index n, int n_threads) {
+  const Index n_chunks = (n + kNormChunk - 1) / kNormChunk;
+  if (n_chunks <= 1) {
+    FlushSubnormals flush;
+    return squared_norm_span(x, n);
+  }
+  std::vector<double> partial(static_cast<size_t>(n_chunks));
+  double* out = partial.data();
+  const int nt = static_cast<int>(std::min<Index>(resolve_threads(n_threads), n_chunks));
+#pragma omp parallel num_threads(nt)
+  {
+    FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (Index c = 0; c < n_chunks; ++c) {
+      const Index begin = c * kNormChunk;
+      out[c] = squared_norm_span(x + begin, std::min(n, begin + kNormChunk) - begin);
+    }
+  }
+  double total = 0.0;
+  for (Index c = 0; c < n_chunks; ++c) total += partial[c];
+  return total;
 }
 
 }  // namespace ksae

@@ -32,3 +32,9 @@ def sgd_update(
     momentum_buffer: NDArray[np.floating] | None, lr: float, momentum: float, nesterov: bool,
     weight_decay: float, unit_norm_rows: bool = False, n_threads: int = 0,
 ) -> None: ...
+def rmsprop_update(
+    param: NDArray[np.floating], grad: NDArray[np.floating], square_avg: NDArray[np.floating],
+    momentum_buffer: NDArray[np.floating] | None, lr: float, alpha: float, eps: float,
+    momentum: float, weight_decay: float, unit_norm_rows: bool = False, n_threads: int = 0,
+) -> None: ...
+def squared_norm(array: NDArray[np.floating], n_threads: int = 0) -> float: ...

@@ -143,7 +143,7 @@ def run(config: dict[str, Any], out: Path, seed: int, quiet: bool = False) -> di
     sae = ksae.SparseAutoencoder(**asdict(model_cfg))
 
     def progress(record: dict[str, Any]) -> None:
-        if not quiet:
+        if not quiet and record["event"] == "epoch":
             print(f"epoch {record['epoch']:>3}/{train_cfg.epochs}  loss {record['loss']:.5f}  "
                   f"test fve {record['val_fve']:.4f}  L0 {record['l0']:.1f}  "
                   f"dead {100 * record['dead_fraction']:.1f}%  {record['time']:.2f}s", flush=True)

@@ -14,7 +14,9 @@ from typing import Any
 ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
 INITS = ("tied", "xavier", "he")
 DTYPES = ("float32", "float64")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+B_DEC_INITS = ("zeros", "mean", "geometric_median")
+SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
 FORMAT_VERSION = 1
 """Version of the saved-model layout (config.json + model.safetensors)."""
@@ -80,6 +82,9 @@ class ModelConfig:
         choices=INITS))
     normalize_decoder: bool = field(default=True, metadata=_help(
         "keep decoder rows at unit norm (project their gradient, renormalise after each step)"))
+    b_dec_init: str = field(default="zeros", metadata=_help(
+        "initial decoder bias: zeros, the mean of the first training data, or its geometric "
+        "median (robust to outliers)", choices=B_DEC_INITS))
     random_state: int | None = field(default=None, metadata=_help("seed for initialisation and shuffling"))
     dtype: str = field(default="float32", metadata=_help("floating-point precision", choices=DTYPES))
     n_threads: int | None = field(default=None, metadata=_help("threads for the C++ kernels (default: all cores)"))
@@ -91,6 +96,7 @@ class ModelConfig:
             raise ValueError(f"k: expected 1 <= k <= n_latents = {self.n_latents}, got {self.k}")
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("init", self.init, INITS)
+        check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
         if not isinstance(self.normalize_decoder, bool):
             raise TypeError(f"normalize_decoder: expected a bool, got {self.normalize_decoder!r}")
         if self.random_state is not None:
@@ -108,12 +114,31 @@ class TrainConfig:
     batch_size: int = field(default=256, metadata=_help("samples per optimizer step"))
     lr: float = field(default=1e-3, metadata=_help("learning rate"))
     optimizer: str = field(default="adam", metadata=_help(
-        "adam, adamw (decoupled weight decay) or sgd", choices=OPTIMIZERS))
+        "adam, adamw (decoupled weight decay), sgd or rmsprop", choices=OPTIMIZERS))
     momentum: float = field(default=0.9, metadata=_help("SGD momentum (0 for plain SGD)"))
     nesterov: bool = field(default=False, metadata=_help("use Nesterov momentum with SGD"))
     weight_decay: float = field(default=0.0, metadata=_help(
-        "weight decay: decoupled for adamw, an L2 gradient term for sgd, unused by adam"))
+        "weight decay: decoupled for adamw, an L2 gradient term for sgd and rmsprop, unused by adam"))
     shuffle: bool = field(default=True, metadata=_help("reshuffle the samples every epoch"))
+    schedule: str = field(default="constant", metadata=_help(
+        "learning-rate schedule: constant, step, exponential or cosine", choices=SCHEDULE_NAMES))
+    warmup_steps: int = field(default=0, metadata=_help("steps of linear learning-rate warm-up"))
+    lr_step_size: int = field(default=1000, metadata=_help("step schedule: steps between decays"))
+    lr_gamma: float = field(default=0.5, metadata=_help(
+        "step schedule: decay factor per lr_step_size steps; exponential: factor per step"))
+    min_lr: float = field(default=0.0, metadata=_help("cosine schedule: final learning rate"))
+    clip_grad_norm: float | None = field(default=None, metadata=_help(
+        "rescale the gradients when their global norm exceeds this (default: no clipping)"))
+    validation_split: float = field(default=0.0, metadata=_help(
+        "fraction of the training data held out (at random) for validation"))
+    early_stopping_patience: int | None = field(default=None, metadata=_help(
+        "stop after this many epochs without a validation-loss improvement (needs validation)"))
+    early_stopping_min_delta: float = field(default=0.0, metadata=_help(
+        "smallest decrease of the validation loss that counts as an improvement"))
+    restore_best_weights: bool = field(default=True, metadata=_help(
+        "on early stopping, return to the weights of the best validation epoch"))
+    log_every: int = field(default=0, metadata=_help(
+        "also record training figures every this many steps in step_history_ (0: off)"))
 
     def __post_init__(self) -> None:
         self.epochs = check_int("epochs", self.epochs, 1)
@@ -129,6 +154,25 @@ class TrainConfig:
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
+        check_choice("schedule", self.schedule, SCHEDULE_NAMES)
+        self.warmup_steps = check_int("warmup_steps", self.warmup_steps, 0)
+        self.lr_step_size = check_int("lr_step_size", self.lr_step_size, 1)
+        self.lr_gamma = check_positive_float("lr_gamma", self.lr_gamma)
+        self.min_lr = check_positive_float("min_lr", self.min_lr, allow_zero=True)
+        if self.clip_grad_norm is not None:
+            self.clip_grad_norm = check_positive_float("clip_grad_norm", self.clip_grad_norm)
+        self.validation_split = check_positive_float("validation_split", self.validation_split,
+                                                     allow_zero=True)
+        if self.validation_split >= 1:
+            raise ValueError(f"validation_split: expected 0 <= validation_split < 1, got {self.validation_split}")
+        if self.early_stopping_patience is not None:
+            self.early_stopping_patience = check_int("early_stopping_patience",
+                                                     self.early_stopping_patience, 1)
+        self.early_stopping_min_delta = check_positive_float(
+            "early_stopping_min_delta", self.early_stopping_min_delta, allow_zero=True)
+        if not isinstance(self.restore_best_weights, bool):
+            raise TypeError(f"restore_best_weights: expected a bool, got {self.restore_best_weights!r}")
+        self.log_every = check_int("log_every", self.log_every, 0)
 
 
 DATASETS = ("synthetic",)

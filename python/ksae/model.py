@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -14,10 +13,12 @@ import numpy as np
 from . import _core
 from .config import ModelConfig, TrainConfig, check_known_keys, field_names
 from .buffers import aligned_copy, aligned_empty, as_aligned
-from .hygiene import normalize_rows
+from . import training
+from .hygiene import initial_decoder_bias, normalize_rows
 from .losses import mse_loss
 from .metrics import fraction_of_variance_explained
 from .optim import Optimizer, make_optimizer
+from .optim import clip_grad_norm as clip_gradients
 from .validation import as_code, as_float_matrix
 
 PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
@@ -51,7 +52,7 @@ class SparseAutoencoder:
 
     Parameters are those of :class:`ksae.config.ModelConfig`: ``n_latents``, ``k``,
     ``activation`` ("relu", "linear", "sigmoid", "tanh"), ``init`` ("tied", "xavier", "he"),
-    ``normalize_decoder``, ``random_state``, ``dtype`` ("float32", "float64") and
+    ``normalize_decoder``, ``b_dec_init`` ("zeros", "mean", "geometric_median"), ``random_state``, ``dtype`` ("float32", "float64") and
     ``n_threads`` (None: all cores).
 
     Fitted attributes: ``W_enc_`` (d_in, n_latents), ``b_enc_``, ``W_dec_`` (n_latents, d_in),
@@ -66,13 +67,14 @@ class SparseAutoencoder:
 
     def __init__(self, n_latents: int = 1024, k: int = 32, *, activation: str = "relu",
                  init: str = "tied", normalize_decoder: bool = True,
-                 random_state: int | None = None, dtype: str = "float32",
+                 b_dec_init: str = "zeros", random_state: int | None = None, dtype: str = "float32",
                  n_threads: int | None = None) -> None:
         self.n_latents = n_latents
         self.k = k
         self.activation = activation
         self.init = init
         self.normalize_decoder = normalize_decoder
+        self.b_dec_init = b_dec_init
         self.random_state = random_state
         self.dtype = dtype
         self.n_threads = n_threads
@@ -157,46 +159,34 @@ class SparseAutoencoder:
             **options: Any) -> "SparseAutoencoder":
         """Initialise the weights and train for ``epochs`` passes over ``X``.
 
-        ``options`` are further :class:`ksae.config.TrainConfig` fields (``momentum``,
-        ``nesterov``, ``weight_decay``). ``validation_data`` is an array scored after each
-        epoch. ``callback``, if given, receives each epoch's history record. Returns self;
-        per-epoch figures are in ``history_``.
+        ``options`` are the other :class:`ksae.config.TrainConfig` fields: ``momentum``,
+        ``nesterov``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``lr_step_size``,
+        ``lr_gamma``, ``min_lr``, ``clip_grad_norm``, ``validation_split``,
+        ``early_stopping_patience``, ``early_stopping_min_delta``, ``restore_best_weights``
+        and ``log_every``. ``validation_data`` (or ``validation_split``) is scored after each
+        epoch. ``callback`` receives every history record (see ``ksae.training``). Returns
+        self; per-epoch figures are in ``history_``, per-``log_every``-steps ones in
+        ``step_history_``.
         """
         check_known_keys("fit", options, field_names(TrainConfig))
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                            shuffle=shuffle, **options)
+        train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                shuffle=shuffle, **options)
         cfg = self.config
         X = as_float_matrix(X, "X", cfg.dtype)
+        self._rng = np.random.default_rng(cfg.random_state)
         X_val = None
         if validation_data is not None:
+            if train_cfg.validation_split:
+                raise ValueError("validation_split: give validation_data or validation_split, not both")
             X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, X.shape[1])
-        self._initialize(X.shape[1], cfg)
-        self._optimizer = make_optimizer(train)
-        self.history_: dict[str, list[float]] = {}
-        n = X.shape[0]
-        for epoch in range(train.epochs):
-            started = time.perf_counter()
-            order = self._rng.permutation(n) if train.shuffle else None
-            fired = np.zeros(cfg.n_latents, dtype=bool)
-            loss_sum = l0_sum = 0.0
-            for start in range(0, n, train.batch_size):
-                stop = min(start + train.batch_size, n)
-                batch = X[order[start:stop]] if order is not None else X[start:stop]
-                loss, code = self._train_step(batch, cfg)
-                active = code.values != 0
-                fired[code.indices[active]] = True
-                loss_sum += loss * (stop - start)
-                l0_sum += float(active.sum())
-            record = {"epoch": epoch + 1, "loss": loss_sum / n, "l0": l0_sum / n,
-                      "dead_fraction": 1.0 - fired.mean(), "time": time.perf_counter() - started}
-            if X_val is not None:
-                X_hat = self.reconstruct(X_val)
-                record["val_loss"] = float(np.mean((X_hat - X_val) ** 2))
-                record["val_fve"] = fraction_of_variance_explained(X_val, X_hat)
-            for key, value in record.items():
-                self.history_.setdefault(key, []).append(value)
-            if callback is not None:
-                callback(record)
+        elif train_cfg.validation_split:
+            X, X_val = training.split_validation(X, train_cfg.validation_split, self._rng)
+        if train_cfg.early_stopping_patience and X_val is None:
+            raise ValueError("early_stopping_patience: early stopping needs validation_data "
+                             "or validation_split > 0")
+        self._initialize(X.shape[1], cfg, X)
+        self._optimizer = make_optimizer(train_cfg)
+        training.train(self, X, X_val, train_cfg, cfg, callback)
         return self
 
     def partial_fit(self, X: Any, *, lr: float = 1e-3, optimizer: str = "adam",
@@ -209,7 +199,8 @@ class SparseAutoencoder:
         cfg = self.config
         if self._params is None:
             X = as_float_matrix(X, "X", cfg.dtype)
-            self._initialize(X.shape[1], cfg)
+            self._rng = np.random.default_rng(cfg.random_state)
+            self._initialize(X.shape[1], cfg, X)
         else:
             self._check_architecture(cfg)
             X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
@@ -222,10 +213,12 @@ class SparseAutoencoder:
         self._train_step(X, cfg)
         return self
 
-    def _initialize(self, d_in: int, cfg: ModelConfig) -> None:
-        """Fresh weights for input width ``d_in`` (see ``init``), written straight into their
-        final buffers so that no full-size temporaries raise the memory peak."""
-        self._rng = np.random.default_rng(cfg.random_state)
+    def _initialize(self, d_in: int, cfg: ModelConfig, X: np.ndarray | None = None) -> None:
+        """Fresh weights for input width ``d_in`` (see ``init``; ``b_dec_init`` uses the
+        training data X), written straight into their final buffers so that no full-size
+        temporaries raise the memory peak. Draws from ``self._rng``."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(cfg.random_state)
         rng, n, dtype = self._rng, cfg.n_latents, np.dtype(cfg.dtype)
 
         # Drawn in float64 row chunks (the same stream as one draw, so float32 and float64
@@ -256,11 +249,17 @@ class SparseAutoencoder:
             W_enc_t, W_dec = normal(np.sqrt(2.0 / d_in)), normal(np.sqrt(2.0 / n))
         if cfg.normalize_decoder:
             normalize_rows(W_dec)
+        b_dec = initial_decoder_bias(X, cfg.b_dec_init) if X is not None else None
         self._set_weights({"W_enc_t": W_enc_t, "b_enc": np.zeros(n), "W_dec": W_dec,
-                           "b_dec": np.zeros(d_in)}, dtype)
+                           "b_dec": np.zeros(d_in) if b_dec is None else b_dec}, dtype)
+        self._reset_training_state(n)
+
+    def _reset_training_state(self, n_latents: int) -> None:
         self._optimizer = None
         self.n_iter_ = 0
-        self.history_ = {}
+        self.history_: dict[str, list] = {}
+        self.step_history_: dict[str, list] = {}
+        self.samples_since_fired_ = np.zeros(n_latents, dtype=np.int64)
 
     def _set_weights(self, params: dict[str, np.ndarray], dtype: np.dtype) -> None:
         self._params = {name: as_aligned(params[name], dtype) for name in PARAM_NAMES}
@@ -301,13 +300,15 @@ class SparseAutoencoder:
         else:
             yield self._new_buffers(rows)
 
-    def _train_step(self, batch: np.ndarray, cfg: ModelConfig) -> tuple[float, SparseCode]:
+    def _train_step(self, batch: np.ndarray, cfg: ModelConfig,
+                    clip_grad_norm: float | None = None) -> tuple[float, SparseCode]:
         """Forward, loss, backward and optimizer update on one batch (shared by fit and
         partial_fit). Returns the loss before the update and the batch's code."""
         with self._workspace_lock:
-            return self._locked_train_step(batch, cfg)
+            return self._locked_train_step(batch, cfg, clip_grad_norm)
 
-    def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig) -> tuple[float, SparseCode]:
+    def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig,
+                           clip_grad_norm: float | None) -> tuple[float, SparseCode]:
         p, g, nt = self._params, self._grads, self._threads(cfg)
         ws = self._buffers(batch.shape[0])
         values, indices = _core.encode(batch, p["W_enc_t"], p["b_enc"], p["b_dec"], cfg.k,
@@ -321,6 +322,15 @@ class SparseAutoencoder:
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
                        g["W_dec"], g["b_dec"])
+        if clip_grad_norm is not None:
+            norm = clip_gradients(g, clip_grad_norm, nt)
+            if not np.isfinite(norm):
+                raise FloatingPointError(
+                    f"training diverged at step {self.n_iter_ + 1}: the gradient norm is {norm}; "
+                    "the weights are those of the last finite step. Lower the learning rate or "
+                    "rescale the data.")
+        self.samples_since_fired_ += batch.shape[0]
+        self.samples_since_fired_[indices[values != 0]] = 0
         self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
                              else frozenset(), n_threads=nt)
         self.n_iter_ += 1
@@ -398,6 +408,6 @@ class SparseAutoencoder:
                   "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}
         self._set_weights(params, np.dtype(cfg.dtype))
         self._rng = np.random.default_rng(cfg.random_state)
-        self._optimizer = None
+        self._reset_training_state(cfg.n_latents)
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.history_ = meta.get("history", {})

@@ -1,4 +1,5 @@
-"""Optimizers: small Python objects whose elementwise update is one fused C++ pass.
+"""Optimizers: small Python objects whose elementwise update is one fused C++ pass, and
+clipping of the gradients by their global norm.
 
 An optimizer owns its state (moments, momentum buffers) keyed by parameter name, created on
 the first step with the parameter's shape and dtype. ``step`` updates the parameters in place.
@@ -6,6 +7,7 @@ the first step with the parameter's shape and dtype. ``step`` updates the parame
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -104,9 +106,74 @@ class Adam(Optimizer):
                 "weight_decay": self.weight_decay}
 
 
+class RMSprop(Optimizer):
+    """RMSprop, as ``torch.optim.RMSprop`` computes it (not centered), with optional momentum
+    and L2 weight decay added to the gradient::
+
+        g = grad + weight_decay * param
+        square_avg = alpha * square_avg + (1 - alpha) * g**2
+        avg = sqrt(square_avg) + eps
+        momentum > 0:  buf = momentum * buf + g / avg;  param -= lr * buf
+        otherwise:     param -= lr * g / avg
+    """
+
+    name = "rmsprop"
+
+    def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        super().__init__(lr)
+        self.alpha = check_positive_float("alpha", alpha, allow_zero=True)
+        if self.alpha >= 1:
+            raise ValueError(f"alpha: expected 0 <= alpha < 1, got {alpha}")
+        self.eps = check_positive_float("eps", eps)
+        self.momentum = check_positive_float("momentum", momentum, allow_zero=True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum: expected 0 <= momentum < 1, got {momentum}")
+        self.weight_decay = check_positive_float("weight_decay", weight_decay, allow_zero=True)
+
+    def _update(self, name, param, grad, unit_norm, n_threads):
+        square_avg = self._buffer(name, "square_avg", param)
+        buf = self._buffer(name, "momentum_buffer", param) if self.momentum else None
+        _core.rmsprop_update(param, grad, square_avg, buf, self.lr, self.alpha, self.eps,
+                             self.momentum, self.weight_decay, unit_norm, n_threads)
+
+    def hyperparameters(self):
+        return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps, "momentum": self.momentum,
+                "weight_decay": self.weight_decay}
+
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float, n_threads: int = 0) -> float:
+    """Clip gradients by their global norm, in place, as ``torch.nn.utils.clip_grad_norm_``.
+
+    ``total = sqrt(sum over the arrays of sum(g**2))`` (accumulated in float64, bitwise the
+    same for any ``n_threads``). When ``total > max_norm`` every gradient is multiplied by
+    ``max_norm / (total + 1e-6)``; otherwise they are left alone. Returns ``total``, the norm
+    before clipping. A non-finite total (inf or nan) is returned without scaling anything, for
+    the caller to act on.
+    """
+    max_norm = check_positive_float("max_norm", max_norm)
+    sum_sq = 0.0
+    for name, grad in grads.items():
+        try:
+            sum_sq += _core.squared_norm(grad, n_threads)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"grads[{name!r}]: {exc}") from None
+        if not grad.flags.writeable:  # checked before any is scaled
+            raise ValueError(f"grads[{name!r}]: array is read-only")
+    total = math.sqrt(sum_sq)
+    if math.isfinite(total) and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for grad in grads.values():
+            grad *= grad.dtype.type(scale)
+    return total
+
+
 def make_optimizer(config: TrainConfig) -> Optimizer:
     """The optimizer a training configuration names."""
     name = check_choice("optimizer", config.optimizer, OPTIMIZERS)
     if name == "sgd":
         return SGD(config.lr, config.momentum, config.nesterov, config.weight_decay)
+    if name == "rmsprop":
+        # config.momentum is SGD's (default 0.9); RMSprop keeps torch's default of none.
+        return RMSprop(config.lr, weight_decay=config.weight_decay)
     return Adam(config.lr, weight_decay=config.weight_decay if name == "adamw" else 0.0)

@@ -137,6 +137,31 @@ def sgd_update(param, grad, momentum_buffer, *, lr, momentum=0.0, nesterov=False
         normalize_rows(param.reshape(-1, param.shape[-1]))
 
 
+def rmsprop_update(param, grad, square_avg, momentum_buffer, *, lr, alpha=0.99, eps=1e-8,
+                   momentum=0.0, weight_decay=0.0, unit_norm_rows: bool = False) -> None:
+    """RMSprop in place, PyTorch's formulation (not centered, L2 weight decay):
+    ``g = grad + weight_decay*param``, ``square_avg = alpha*square_avg + (1-alpha)*g**2``,
+    ``avg = sqrt(square_avg) + eps``; with momentum ``buf = momentum*buf + g/avg`` and
+    ``param -= lr*buf``, otherwise ``param -= lr*g/avg``."""
+    d = grad + weight_decay * param
+    square_avg *= alpha
+    square_avg += (1 - alpha) * d * d
+    step = d / (np.sqrt(square_avg) + eps)
+    if momentum:
+        momentum_buffer *= momentum
+        momentum_buffer += step
+        step = momentum_buffer
+    param -= lr * step
+    if unit_norm_rows:
+        normalize_rows(param.reshape(-1, param.shape[-1]))
+
+
+def squared_norm(array) -> float:
+    """Sum of the squares of ``array``'s entries, computed in float64."""
+    a = np.asarray(array, dtype=np.float64)
+    return float(np.sum(a * a))
+
+
 class DenseNumpySAE:
     """A TopK autoencoder written in plain NumPy with dense codes, trained with Adam.
 

@@ -1,0 +1,156 @@
+"""The training loop behind ``SparseAutoencoder.fit``: epochs over shuffled mini-batches with a
+learning-rate schedule, gradient clipping, validation, early stopping and history records.
+
+One record is a dict; per epoch it holds ``epoch``, ``step``, ``loss``, ``fve``, ``l0``,
+``dead_fraction``, ``lr`` and ``time`` (and ``val_loss``, ``val_fve``, ``val_l0``,
+``val_dead_fraction`` when there is validation data), and ``event: "epoch"``; every
+``log_every`` steps a record with ``event: "step"`` holds the same training figures over the
+steps since the last one. Records go to ``history_`` / ``step_history_`` (dicts of lists) and
+to the user's callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .config import ModelConfig, TrainConfig
+from .metrics import fraction_of_variance_explained
+from .schedules import make_schedule
+
+if TYPE_CHECKING:
+    from .model import SparseAutoencoder
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+class RunningStats:
+    """Training figures accumulated over a span of batches."""
+
+    def __init__(self, n_latents: int) -> None:
+        self.fired = np.zeros(n_latents, dtype=bool)
+        self.samples = 0
+        self.sse = 0.0
+        self.active = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, values: np.ndarray, indices: np.ndarray, n_features: int) -> None:
+        active = values != 0
+        self.fired[indices[active]] = True
+        self.samples += values.shape[0]
+        self.sse += loss * values.shape[0] * n_features
+        self.active += float(active.sum())
+
+    def record(self, n_features: int, total_variance_per_sample: float) -> dict[str, Any]:
+        loss = self.sse / (self.samples * n_features)
+        fve = 1.0 - (self.sse / self.samples) / total_variance_per_sample if total_variance_per_sample > 0 else float("nan")
+        return {"loss": loss, "fve": fve, "l0": self.active / self.samples,
+                "dead_fraction": float(1.0 - self.fired.mean()), "time": time.perf_counter() - self.started}
+
+
+def total_variance(X: np.ndarray, chunk: int = 8192) -> float:
+    """``sum((X - X.mean(axis=0))**2)`` in float64, a chunk of rows at a time."""
+    mean = X.mean(axis=0, dtype=np.float64)
+    total = 0.0
+    for start in range(0, X.shape[0], chunk):
+        centered = X[start:start + chunk] - mean
+        total += float(np.einsum("ij,ij->", centered, centered))
+    return total
+
+
+def split_validation(X: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of the rows of X, chosen at random: (train, validation)."""
+    n_val = int(round(X.shape[0] * fraction))
+    if n_val < 1 or n_val >= X.shape[0]:
+        raise ValueError(f"validation_split: {fraction} of {X.shape[0]} samples leaves no "
+                         "training or no validation data")
+    order = rng.permutation(X.shape[0])
+    return X[np.sort(order[n_val:])], X[np.sort(order[:n_val])]
+
+
+def validation_record(model: "SparseAutoencoder", X_val: np.ndarray) -> dict[str, Any]:
+    values, indices = model.encode(X_val)
+    X_hat = model.decode(values, indices)
+    fired = np.zeros(model.config.n_latents, dtype=bool)
+    active = values != 0
+    fired[indices[active]] = True
+    return {"val_loss": float(np.mean((X_hat - X_val) ** 2)),
+            "val_fve": fraction_of_variance_explained(X_val, X_hat),
+            "val_l0": float(active.sum(axis=1).mean()),
+            "val_dead_fraction": float(1.0 - fired.mean())}
+
+
+class EarlyStopping:
+    """Tracks the validation loss; ``update`` says whether to stop and keeps a copy of the
+    best weights."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_params: dict[str, np.ndarray] | None = None
+        self.waited = 0
+
+    def update(self, epoch: int, val_loss: float, params: dict[str, np.ndarray]) -> bool:
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.waited = val_loss, epoch, 0
+            self.best_params = {name: p.copy() for name, p in params.items()}
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+
+def append(history: dict[str, list], record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if key != "event":
+            history.setdefault(key, []).append(value)
+
+
+def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
+          train_cfg: TrainConfig, cfg: ModelConfig, callback: Callback | None) -> None:
+    """Run ``train_cfg.epochs`` epochs of ``model`` on X (already validated and initialised)."""
+    n, d = X.shape
+    steps_per_epoch = math.ceil(n / train_cfg.batch_size)
+    schedule = make_schedule(train_cfg.schedule, train_cfg.lr,
+                             total_steps=train_cfg.epochs * steps_per_epoch,
+                             warmup_steps=train_cfg.warmup_steps, step_size=train_cfg.lr_step_size,
+                             gamma=train_cfg.lr_gamma, min_lr=train_cfg.min_lr)
+    variance_per_sample = total_variance(X) / n
+    stopper = (EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
+               if train_cfg.early_stopping_patience else None)
+    emit = callback or (lambda record: None)
+    optimizer = model._optimizer
+    for epoch in range(1, train_cfg.epochs + 1):
+        epoch_stats, step_stats = RunningStats(cfg.n_latents), RunningStats(cfg.n_latents)
+        order = model._rng.permutation(n) if train_cfg.shuffle else None
+        for start in range(0, n, train_cfg.batch_size):
+            stop = min(start + train_cfg.batch_size, n)
+            batch = X[order[start:stop]] if order is not None else X[start:stop]
+            optimizer.lr = schedule(optimizer.n_steps)
+            loss, code = model._train_step(batch, cfg, clip_grad_norm=train_cfg.clip_grad_norm)
+            epoch_stats.add(loss, code.values, code.indices, d)
+            if train_cfg.log_every:
+                step_stats.add(loss, code.values, code.indices, d)
+                if model.n_iter_ % train_cfg.log_every == 0:
+                    record = {"event": "step", "epoch": epoch, "step": model.n_iter_,
+                              "lr": optimizer.lr, **step_stats.record(d, variance_per_sample)}
+                    append(model.step_history_, record)
+                    emit(record)
+                    step_stats = RunningStats(cfg.n_latents)
+        record = {"event": "epoch", "epoch": epoch, "step": model.n_iter_, "lr": optimizer.lr,
+                  **epoch_stats.record(d, variance_per_sample)}
+        if X_val is not None:
+            record.update(validation_record(model, X_val))
+        append(model.history_, record)
+        emit(record)
+        if stopper is not None and stopper.update(epoch, record["val_loss"], model._params):
+            model.stopped_epoch_ = epoch
+            break
+    if stopper is not None:
+        model.best_epoch_ = stopper.best_epoch
+        if train_cfg.restore_best_weights and stopper.best_params is not None:
+            for name, best in stopper.best_params.items():
+                np.copyto(model._params[name], best)

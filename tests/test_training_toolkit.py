@@ -1,0 +1,165 @@
+"""Training features of fit: validation, early stopping, schedules, clipping, history,
+b_dec initialisation and firing statistics. Each test fails when its feature is removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ksae
+from ksae.hygiene import geometric_median
+from ksae.schedules import make_schedule
+
+
+@pytest.fixture
+def data():
+    return ksae.make_sparse_dictionary(n_samples=1200, d_in=16, n_components=24, n_active=3,
+                                       noise=0.01, random_state=3)
+
+
+def small_model(**kw):
+    kw.setdefault("n_latents", 48)
+    kw.setdefault("k", 3)
+    kw.setdefault("random_state", 0)
+    return ksae.SparseAutoencoder(**kw)
+
+
+def params_of(sae):
+    return {name: p.copy() for name, p in sae._params.items()}
+
+
+def test_history_records_every_figure_per_epoch(data):
+    sae = small_model().fit(data.X[:1000], epochs=3, batch_size=100, validation_data=data.X[1000:])
+    h = sae.history_
+    for key in ("epoch", "step", "loss", "fve", "l0", "dead_fraction", "lr", "time",
+                "val_loss", "val_fve", "val_l0", "val_dead_fraction"):
+        assert len(h[key]) == 3, key
+    assert h["step"] == [10, 20, 30]
+    assert h["l0"][-1] == pytest.approx(3.0)
+    # fve is the training fraction of variance explained over the epoch: consistent with loss
+    X = data.X[:1000].astype(np.float64)
+    variance = np.sum((X - X.mean(0)) ** 2) / X.size
+    assert h["fve"][-1] == pytest.approx(1 - h["loss"][-1] / variance, rel=1e-6)
+
+
+def test_validation_split_holds_out_a_random_fraction(data):
+    sae = small_model().fit(data.X, epochs=2, batch_size=100, validation_split=0.25)
+    assert "val_loss" in sae.history_
+    assert sae.history_["step"][-1] == 2 * 9  # 900 training samples, 9 batches per epoch
+    with pytest.raises(ValueError, match="validation_split"):
+        small_model().fit(data.X, epochs=1, validation_split=0.2, validation_data=data.X[:10])
+    with pytest.raises(ValueError, match="validation_split"):
+        small_model().fit(data.X, epochs=1, validation_split=1.5)
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(data):
+    snapshots = {}
+    sae = small_model()
+    # No epoch after the first can improve by 1e9, so training stops after `patience` more.
+    sae.fit(data.X[:1000], epochs=10, batch_size=100, validation_data=data.X[1000:],
+            early_stopping_patience=2, early_stopping_min_delta=1e9,
+            callback=lambda r: snapshots.setdefault(r["epoch"], params_of(sae)))
+    assert sae.stopped_epoch_ == 3 and sae.best_epoch_ == 1
+    assert len(sae.history_["epoch"]) == 3
+    for name, p in sae._params.items():
+        np.testing.assert_array_equal(p, snapshots[1][name])
+
+
+def test_early_stopping_without_restore_keeps_the_last_weights(data):
+    snapshots = {}
+    sae = small_model()
+    sae.fit(data.X[:1000], epochs=10, batch_size=100, validation_data=data.X[1000:],
+            early_stopping_patience=2, early_stopping_min_delta=1e9, restore_best_weights=False,
+            callback=lambda r: snapshots.__setitem__(r["epoch"], params_of(sae)))
+    assert not np.array_equal(sae._params["W_dec"], snapshots[1]["W_dec"])
+    np.testing.assert_array_equal(sae._params["W_dec"], snapshots[3]["W_dec"])
+
+
+def test_early_stopping_needs_validation(data):
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        small_model().fit(data.X, epochs=2, early_stopping_patience=1)
+
+
+def test_early_stopping_lets_an_improving_run_finish(data):
+    sae = small_model().fit(data.X[:1000], epochs=4, batch_size=100, lr=3e-3,
+                            validation_data=data.X[1000:], early_stopping_patience=2)
+    assert len(sae.history_["epoch"]) == 4
+    assert not hasattr(sae, "stopped_epoch_")
+
+
+@pytest.mark.parametrize("schedule,extra", [
+    ("constant", {}), ("step", {"lr_step_size": 7, "lr_gamma": 0.5}),
+    ("exponential", {"lr_gamma": 0.9}), ("cosine", {"min_lr": 1e-5}),
+])
+def test_the_schedule_sets_the_learning_rate_of_every_step(data, schedule, extra):
+    seen = []
+    sae = small_model()
+    sae.fit(data.X[:1000], epochs=3, batch_size=100, lr=1e-2, schedule=schedule, warmup_steps=4,
+            log_every=1, callback=lambda r: r["event"] == "step" and seen.append((r["step"], r["lr"])),
+            **extra)
+    expected = make_schedule(schedule, 1e-2, total_steps=30, warmup_steps=4,
+                             step_size=extra.get("lr_step_size", 1000),
+                             gamma=extra.get("lr_gamma", 0.5), min_lr=extra.get("min_lr", 0.0))
+    assert [s for s, _ in seen] == list(range(1, 31))
+    np.testing.assert_allclose([lr for _, lr in seen], [expected(s - 1) for s, _ in seen])
+    assert seen[0][1] == pytest.approx(1e-2 / 4)  # warm-up starts low
+
+
+def test_gradient_clipping_bounds_each_update(data):
+    # Plain SGD without decoder renormalisation: an update is exactly lr * clipped gradient,
+    # so its global norm is at most lr * max_norm.
+    sae = small_model(normalize_decoder=False)
+    sae.partial_fit(data.X[:100], lr=1e-12, optimizer="sgd", momentum=0.0)
+    before = params_of(sae)
+    sae._optimizer.lr = 1.0
+    sae._train_step(data.X[100:200], sae.config, clip_grad_norm=1e-3)
+    change = np.sqrt(sum(np.sum((sae._params[n].astype(np.float64) - before[n]) ** 2) for n in before))
+    assert change == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_clipping_through_fit_changes_training(data):
+    a = small_model().fit(data.X, epochs=1, batch_size=100, optimizer="sgd", lr=0.1)
+    b = small_model().fit(data.X, epochs=1, batch_size=100, optimizer="sgd", lr=0.1, clip_grad_norm=1e-4)
+    assert not np.allclose(a.W_dec_, b.W_dec_)
+    # With so small a clip the decoder barely moves from its initial weights.
+    init = small_model(); init.partial_fit(data.X[:100], lr=1e-12)
+    assert np.abs(b.W_enc_ - init.W_enc_).max() < np.abs(a.W_enc_ - init.W_enc_).max() / 10
+
+
+def test_log_every_records_step_history_and_calls_back(data):
+    events = []
+    sae = small_model().fit(data.X[:1000], epochs=2, batch_size=100, log_every=4,
+                            callback=lambda r: events.append(r["event"]))
+    assert sae.step_history_["step"] == [4, 8, 12, 16, 20]
+    assert events.count("step") == 5 and events.count("epoch") == 2
+    assert all(v == pytest.approx(3.0) for v in sae.step_history_["l0"])
+
+
+def test_b_dec_init_mean(data):
+    sae = small_model(b_dec_init="mean")
+    sae.partial_fit(data.X, lr=1e-12)
+    np.testing.assert_allclose(sae.b_dec_, data.X.mean(axis=0), atol=1e-5)
+    sae = small_model()
+    sae.partial_fit(data.X, lr=1e-12)
+    np.testing.assert_allclose(sae.b_dec_, 0, atol=1e-5)
+
+
+def test_b_dec_init_geometric_median_resists_outliers(rng):
+    X = rng.standard_normal((500, 4)) * 0.1 + 1.0
+    X[:20] += 1000.0  # a few wild samples drag the mean, not the median
+    median = geometric_median(X)
+    assert np.linalg.norm(median - 1.0) < 0.05
+    assert np.linalg.norm(X.mean(axis=0) - 1.0) > 10
+    sae = small_model(n_latents=8, k=2, b_dec_init="geometric_median")
+    sae.partial_fit(X.astype(np.float32), lr=1e-12)
+    np.testing.assert_allclose(sae.b_dec_, median, atol=1e-4)
+
+
+def test_samples_since_fired_counts_per_latent(data):
+    sae = small_model()
+    sae.partial_fit(data.X[:100])
+    sae.partial_fit(data.X[100:150])
+    counts = sae.samples_since_fired_
+    assert counts.max() <= 150 and counts.min() == 0
+    assert set(np.unique(counts)) <= {0, 50, 150}
+    assert np.sum(counts == 0) >= 3  # the last batch's active latents
