@@ -170,7 +170,7 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& W_enc_t, const py::object& W_dec,
                    const std::string& activation, bool project_decoder_grad, int n_threads,
                    const py::object& grad_W_enc_t, const py::object& grad_b_enc,
-                   const py::object& grad_W_dec, const py::object& grad_b_dec) {
+                   const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate) {
   check_2d(W_dec, "W_dec");
   check_2d(values, "values");
   const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
@@ -188,7 +188,30 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
   check_indices(ix, batch * k, k, n);
   py::gil_scoped_release release;
   ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d, act, project_decoder_grad,
-                         n_threads, gwe, gbe, gwd, gbd);
+                         n_threads, gwe, gbe, gwd, gbd, accumulate);
+}
+
+template <class T>
+py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
+                      const std::string& activation, int n_threads) {
+  check_2d(pre, "pre");
+  const Index batch = dim(pre, 0), n = dim(pre, 1);
+  const auto act = parse_activation(activation);
+  if (k < 1 || k > n) {
+    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n) + ", got " +
+                          std::to_string(k));
+  }
+  const T* p = checked<T>(pre, "pre", {batch, n});
+  const T* b = checked<T>(bias, "bias", {n});
+  py::array_t<T> values({batch, k});
+  py::array_t<LatentIndex> indices({batch, k});
+  T* v = values.mutable_data();
+  LatentIndex* ix = indices.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ksae::select_topk<T>(p, b, batch, n, k, act, n_threads, v, ix);
+  }
+  return py::make_tuple(values, indices);
 }
 
 // Shape of a parameter as (rows, cols): a vector is one row.
@@ -370,21 +393,34 @@ PYBIND11_MODULE(_core, m) {
          const py::object& indices, const py::object& W_enc_t, const py::object& W_dec,
          const std::string& activation, bool project_decoder_grad, int n_threads,
          const py::object& gwe, const py::object& gbe, const py::object& gwd,
-         const py::object& gbd) {
+         const py::object& gbd, bool accumulate) {
         if (is_float32(values)) {
           backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                               project_decoder_grad, n_threads, gwe, gbe, gwd, gbd);
+                               project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate);
         } else {
           backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd);
+                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate);
         }
       },
       py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
       py::arg("W_enc_t"), py::arg("W_dec"), py::arg("activation"),
       py::arg("project_decoder_grad"), py::arg("n_threads"), py::arg("grad_W_enc_t"),
       py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
-      "TopK backward: writes the gradients of W_enc (transposed), b_enc, W_dec and b_dec\n"
-      "given grad_out = dL/dX_hat, touching only the selected entries.");
+      py::arg("accumulate") = false,
+      "TopK backward: writes (or, with accumulate, adds) the gradients of W_enc (transposed),\n"
+      "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.");
+
+  m.def(
+      "select_topk",
+      [](const py::object& pre, const py::object& bias, Index k, const std::string& activation,
+         int n_threads) {
+        return is_float32(pre) ? select_impl<float>(pre, bias, k, activation, n_threads)
+                               : select_impl<double>(pre, bias, k, activation, n_threads);
+      },
+      py::arg("pre"), py::arg("bias"), py::arg("k"), py::arg("activation") = "relu",
+      py::arg("n_threads") = 0,
+      "(values, indices) of the k largest entries per row of pre + bias (values through the\n"
+      "activation), as encode selects; a -inf bias excludes a latent.");
 
   m.def(
       "adam_update",

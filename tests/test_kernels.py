@@ -644,3 +644,33 @@ def test_adam_moments_do_not_keep_subnormals(rng):
     for step in range(1, 40):
         _core.adam_update(param, np.zeros_like(param), m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, step, False, 1)
     assert not np.any((m != 0) & (np.abs(m) < np.finfo(np.float32).tiny))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_topk_matches_the_reference_and_excludes_minus_inf(rng, dtype):
+    pre = rng.standard_normal((9, 40)).astype(dtype)
+    bias = rng.standard_normal(40).astype(dtype)
+    bias[::3] = -np.inf  # excluded latents
+    values, indices = _core.select_topk(pre, bias, 5, "tanh", 2)
+    expected = ref.topk_indices((pre + bias).astype(np.float64), 5)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(values, np.tanh(np.take_along_axis(pre + bias, indices, 1)), rtol=1e-6)
+    assert not np.any(indices % 3 == 0)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_backward_accumulate_adds_a_second_codes_gradients(rng, project):
+    X, p = encode_inputs(rng, 12, 13, 30, np.float64)
+    centered = np.empty_like(X)
+    v1, i1 = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], 4, "relu", 1, centered, None)
+    v2, i2 = _core.encode(X * 0.5, p["W_enc_t"], p["b_enc"], p["b_dec"], 2, "relu", 1)
+    g1, g2 = rng.standard_normal((2, 12, 13))
+    shapes = [(30, 13), (30,), (30, 13), (13,)]
+    first = [np.empty(s) for s in shapes]
+    second = [np.empty(s) for s in shapes]
+    _core.backward(g1, centered, v1, i1, p["W_enc_t"], p["W_dec"], "relu", project, 1, *first)
+    _core.backward(g2, centered, v2, i2, p["W_enc_t"], p["W_dec"], "relu", project, 1, *second)
+    total = [a.copy() for a in first]
+    _core.backward(g2, centered, v2, i2, p["W_enc_t"], p["W_dec"], "relu", project, 2, *total, True)
+    for t, a, b in zip(total, first, second):
+        np.testing.assert_allclose(t, a + b, rtol=1e-12, atol=1e-12)

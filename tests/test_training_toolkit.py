@@ -112,7 +112,7 @@ def test_gradient_clipping_bounds_each_update(data):
     sae.partial_fit(data.X[:100], lr=1e-12, optimizer="sgd", momentum=0.0)
     before = params_of(sae)
     sae._optimizer.lr = 1.0
-    sae._train_step(data.X[100:200], sae.config, clip_grad_norm=1e-3)
+    sae._train_step(data.X[100:200], sae.config, ksae.TrainConfig(clip_grad_norm=1e-3))
     change = np.sqrt(sum(np.sum((sae._params[n].astype(np.float64) - before[n]) ** 2) for n in before))
     assert change == pytest.approx(1e-3, rel=1e-3)
 
@@ -163,3 +163,89 @@ def test_samples_since_fired_counts_per_latent(data):
     assert counts.max() <= 150 and counts.min() == 0
     assert set(np.unique(counts)) <= {0, 50, 150}
     assert np.sum(counts == 0) >= 3  # the last batch's active latents
+
+
+# ------------------------------------------------------------------ dead latents and k
+def dying_problem():
+    """Many planted directions and a learning rate high enough to kill about half of the
+    latents in the first epoch (measured: 53% dead after 5 epochs without a remedy)."""
+    data = ksae.make_sparse_dictionary(n_samples=4000, d_in=32, n_components=256, n_active=3,
+                                       noise=0.01, random_state=5)
+    return data.X, dict(epochs=5, batch_size=100, lr=3e-2, dead_after_samples=400)
+
+
+def test_auxk_lowers_the_dead_fraction():
+    X, common = dying_problem()
+    plain = small_model(n_latents=256, k=3).fit(X, **common)
+    auxk = small_model(n_latents=256, k=3).fit(X, auxk_coef=1 / 32, auxk_k=32, **common)
+    assert plain.history_["dead_fraction"][-1] > 0.4  # the case kills latents
+    assert max(auxk.history_["auxk_loss"]) > 0
+    assert auxk.history_["dead_fraction"][-1] < 0.1
+    assert auxk.history_["loss"][-1] < plain.history_["loss"][-1]
+
+
+def test_auxk_is_off_without_dead_latents(data):
+    sae = small_model().fit(data.X, epochs=1, batch_size=100, auxk_coef=1.0,
+                            dead_after_samples=10**9)
+    assert sae.history_["auxk_loss"] == [0.0]
+
+
+def test_auxk_gradient_matches_finite_differences(rng):
+    # The AuxK loss of a fixed selection of dead latents, as a function of the weights.
+    B, d, n, k, k_aux = 5, 4, 12, 2, 3
+    X = rng.standard_normal((B, d))
+    sae = ksae.SparseAutoencoder(n_latents=n, k=k, activation="tanh", dtype="float64",
+                                 random_state=0, normalize_decoder=False)
+    sae.partial_fit(X, lr=1e-12, optimizer="sgd", momentum=0.0)
+    p, dead = sae._params, np.arange(n) % 2 == 1
+    sae.samples_since_fired_[:] = np.where(dead, 10**6, 0)
+    ws = sae._buffers(B)
+    v, i = ksae._core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "tanh", 1, ws["centered"], ws["pre"])
+    X_hat = ksae._core.decode(v, i, p["W_dec"], p["b_dec"], 1)
+    e = X - X_hat
+    for g in sae._grads.values():
+        g[...] = 0
+    loss = sae._auxk_backward(X, 2 * (X_hat - X) / X.size, ws, sae.config,
+                              ksae.TrainConfig(auxk_coef=1.0, auxk_k=k_aux, dead_after_samples=1), 1)
+    _, sel = ksae._core.select_topk(ws["pre"], np.where(dead, p["b_enc"], -np.inf), k_aux, "tanh", 1)
+
+    def aux_loss():
+        pre = (X - p["b_dec"]) @ p["W_enc_t"].T + p["b_enc"]
+        Z = np.zeros((B, n))
+        np.put_along_axis(Z, sel, np.tanh(np.take_along_axis(pre, sel, 1)), 1)
+        return np.sum((Z @ p["W_dec"] - e) ** 2) / np.sum((e - e.mean(0)) ** 2)
+
+    assert loss == pytest.approx(aux_loss(), rel=1e-12)
+    for name, param in p.items():
+        flat, numeric = param.reshape(-1), np.zeros(param.size)
+        for j in range(flat.size):
+            old = flat[j]
+            flat[j] = old + 1e-6
+            up = aux_loss()
+            flat[j] = old - 1e-6
+            numeric[j] = (up - aux_loss()) / 2e-6
+            flat[j] = old
+        np.testing.assert_allclose(sae._grads[name].reshape(-1), numeric, atol=1e-8, err_msg=name)
+
+
+def test_resampling_revives_dead_latents():
+    X, common = dying_problem()
+    plain = small_model(n_latents=256, k=3).fit(X, **common)
+    resampled = small_model(n_latents=256, k=3).fit(X, resample_every=20, **common)
+    assert sum(resampled.history_["resampled"]) > 0
+    assert sum(plain.history_["resampled"]) == 0
+    assert plain.history_["dead_fraction"][-1] > 0.4
+    assert resampled.history_["dead_fraction"][-1] < 0.1
+    np.testing.assert_allclose(np.linalg.norm(resampled.W_dec_, axis=1), 1, atol=1e-5)
+
+
+def test_k_curriculum_anneals_k_over_the_set_fraction(data):
+    sae = small_model().fit(data.X[:1000], epochs=2, batch_size=100, k_start=12,
+                            k_anneal_fraction=0.5, log_every=1)
+    ks, l0 = sae.step_history_["k"], sae.step_history_["l0"]
+    assert ks[0] == 12 and ks[-1] == 3
+    assert ks == sorted(ks, reverse=True)
+    assert all(k == 3 for k in ks[10:])  # annealed by half of the 20 steps
+    assert l0[0] > 8 and l0[-1] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="k_start"):
+        small_model().fit(data.X, epochs=1, k_start=2)

@@ -43,19 +43,22 @@ struct LatentGroups {
 // where dense(.) scatters a (batch x k) array into (batch x n_latents) along `indices`.
 // With project_decoder_grad, each grad_W_dec row loses its component along W_dec's row, so a
 // step keeps unit-norm decoder rows on the sphere to first order.
-// All outputs are overwritten, latents that no row selected get zero rows.
+// All outputs are overwritten (latents that no row selected get zero rows), or, with
+// `accumulate`, added to (latents that no row selected are left as they are): a second code
+// of the same batch, such as AuxK's, adds its gradients to the first one's.
 template <class T>
 void backward_topk(const T* grad_out, const T* centered, const T* values,
                    const LatentIndex* indices, Index batch, Index k, const T* W_enc_t,
                    const T* W_dec, Index n_latents, Index d_in, Activation act,
                    bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
-                   T* grad_W_dec, T* grad_b_dec) {
+                   T* grad_W_dec, T* grad_b_dec, bool accumulate = false) {
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
   using ConstRow = Eigen::Map<const RowVec>;
   using Row = Eigen::Map<RowVec>;
   const int nt = resolve_threads(n_threads);
   const Index count = batch * k;
   std::vector<T> dpre(static_cast<size_t>(count));
+  std::vector<T> db_enc(static_cast<size_t>(n_latents), T(0));  // this call's part of grad_b_enc
   LatentGroups groups;
   groups.build(indices, batch, k, n_latents);
 
@@ -75,30 +78,37 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       Row ge(grad_W_enc_t + j * d_in, d_in);
       const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
       if (begin == end) {
-        gd.setZero();
-        ge.setZero();
-        grad_b_enc[j] = T(0);
+        if (!accumulate) {
+          gd.setZero();
+          ge.setZero();
+          grad_b_enc[j] = T(0);
+        }
         continue;
       }
       const Index* entries = groups.entries.data() + begin;
       const Index* rows = groups.rows.data() + begin;
       const Index count = end - begin;
+      // With accumulate, the rows start from (and so add to) what they hold.
+      const T* gd_init = accumulate ? gd.data() : nullptr;
+      const T* ge_init = accumulate ? ge.data() : nullptr;
       weighted_row_sum(gd.data(), d_in, count, [&](Index e) {
         return std::make_pair(values[entries[e]], grad_out + rows[e] * d_in);
-      }, static_cast<const T*>(nullptr));
+      }, gd_init);
       weighted_row_sum(ge.data(), d_in, count, [&](Index e) {
         return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
-      }, static_cast<const T*>(nullptr));
+      }, ge_init);
       T gb = T(0);
       for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
-      grad_b_enc[j] = gb;
+      db_enc[j] = gb;
+      grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
       if (project_decoder_grad) {
+        // Projection is linear: projecting the sum equals summing the projected parts.
         ConstRow w(W_dec + j * d_in, d_in);
         const T ww = w.squaredNorm();
         if (ww > T(0)) gd.noalias() -= (gd.dot(w) / ww) * w;
       }
     }
-    // implicit barrier: grad_b_enc is complete.
+    // implicit barrier: db_enc is complete.
 
     // grad_b_dec, split by feature columns so each thread owns its outputs.
     int tid = 0, nth = 1;
@@ -111,11 +121,11 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     if (c1 > c0) {
       const Index w = c1 - c0;
       Row acc(grad_b_dec + c0, w);
-      acc.setZero();
+      if (!accumulate) acc.setZero();
       for (Index r = 0; r < batch; ++r) acc.noalias() += ConstRow(grad_out + r * d_in + c0, w);
       for (Index j = 0; j < n_latents; ++j) {
         if (groups.offsets[j] == groups.offsets[j + 1]) continue;
-        acc.noalias() -= grad_b_enc[j] * ConstRow(W_enc_t + j * d_in + c0, w);
+        acc.noalias() -= db_enc[j] * ConstRow(W_enc_t + j * d_in + c0, w);
       }
     }
   }

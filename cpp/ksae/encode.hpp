@@ -8,6 +8,10 @@
 
 namespace ksae {
 
+template <class T>
+void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
+                 Activation act, T* values, LatentIndex* indices);
+
 // Encodes a batch and keeps the k largest pre-activations per row:
 //     centered = X - b_dec                                       (batch x d_in)
 //     pre      = centered @ W_enc + b_enc                       (batch x n_latents)
@@ -47,14 +51,36 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
       P.noalias() = C * W.transpose();
     }
 #pragma omp barrier
-    SelectionScratch<T> scratch;
+    select_rows(pre, b_enc, batch, n_latents, k, act, values, indices);
+  }
+}
+
+// The per-row selection of encode_topk on given pre-activations (without bias): for each
+// row r, indices[r] = the k largest entries of pre[r] + bias, values[r] = act of them. Runs
+// as an `omp for` inside the caller's parallel region.
+template <class T>
+void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
+                 Activation act, T* values, LatentIndex* indices) {
+  SelectionScratch<T> scratch;
 #pragma omp for schedule(static)
-    for (Index r = 0; r < batch; ++r) {
-      const T* p = pre + r * n_latents;
-      LatentIndex* idx = indices + r * k;
-      select_topk_row(p, b_enc, n_latents, k, idx, scratch);
-      for (Index s = 0; s < k; ++s) values[r * k + s] = activate(act, p[idx[s]] + b_enc[idx[s]]);
-    }
+  for (Index r = 0; r < batch; ++r) {
+    const T* p = pre + r * n_latents;
+    LatentIndex* idx = indices + r * k;
+    select_topk_row(p, bias, n_latents, k, idx, scratch);
+    for (Index s = 0; s < k; ++s) values[r * k + s] = activate(act, p[idx[s]] + bias[idx[s]]);
+  }
+}
+
+// select_rows as a kernel of its own: picks a second code from the pre-activations an
+// encode left behind (AuxK picks among dead latents by giving the others a -inf bias).
+template <class T>
+void select_topk(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
+                 Activation act, int n_threads, T* values, LatentIndex* indices) {
+  const int nt = resolve_threads(n_threads);
+#pragma omp parallel num_threads(nt)
+  {
+    FlushSubnormals flush;
+    select_rows(pre, bias, batch, n_latents, k, act, values, indices);
   }
 }
 

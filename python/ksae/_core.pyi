@@ -20,8 +20,12 @@ def backward(
     indices: NDArray[np.int64], W_enc_t: NDArray[np.floating], W_dec: NDArray[np.floating],
     activation: str, project_decoder_grad: bool, n_threads: int,
     grad_W_enc_t: NDArray[np.floating], grad_b_enc: NDArray[np.floating],
-    grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating],
+    grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating], accumulate: bool = False,
 ) -> None: ...
+def select_topk(
+    pre: NDArray[np.floating], bias: NDArray[np.floating], k: int, activation: str = "relu",
+    n_threads: int = 0,
+) -> tuple[NDArray[np.floating], NDArray[np.int64]]: ...
 def adam_update(
     param: NDArray[np.floating], grad: NDArray[np.floating], exp_avg: NDArray[np.floating],
     exp_avg_sq: NDArray[np.floating], lr: float, beta1: float, beta2: float, eps: float,

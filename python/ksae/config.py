@@ -139,6 +139,20 @@ class TrainConfig:
         "on early stopping, return to the weights of the best validation epoch"))
     log_every: int = field(default=0, metadata=_help(
         "also record training figures every this many steps in step_history_ (0: off)"))
+    dead_after_samples: int = field(default=100_000, metadata=_help(
+        "a latent that has not fired for this many training samples counts as dead"))
+    auxk_coef: float = field(default=0.0, metadata=_help(
+        "weight of the AuxK loss: the top auxk_k dead latents reconstruct the residual "
+        "(0: off; OpenAI uses 1/32)"))
+    auxk_k: int | None = field(default=None, metadata=_help(
+        "dead latents AuxK uses per sample (default: 2 * k)"))
+    resample_every: int = field(default=0, metadata=_help(
+        "every this many steps, re-initialise dead latents toward badly reconstructed inputs "
+        "(0: off)"))
+    k_start: int | None = field(default=None, metadata=_help(
+        "k curriculum: start training with this many active latents (>= k) ..."))
+    k_anneal_fraction: float = field(default=0.5, metadata=_help(
+        "... and anneal linearly to k over this fraction of the training steps"))
 
     def __post_init__(self) -> None:
         self.epochs = check_int("epochs", self.epochs, 1)
@@ -173,6 +187,16 @@ class TrainConfig:
         if not isinstance(self.restore_best_weights, bool):
             raise TypeError(f"restore_best_weights: expected a bool, got {self.restore_best_weights!r}")
         self.log_every = check_int("log_every", self.log_every, 0)
+        self.dead_after_samples = check_int("dead_after_samples", self.dead_after_samples, 1)
+        self.auxk_coef = check_positive_float("auxk_coef", self.auxk_coef, allow_zero=True)
+        if self.auxk_k is not None:
+            self.auxk_k = check_int("auxk_k", self.auxk_k, 1)
+        self.resample_every = check_int("resample_every", self.resample_every, 0)
+        if self.k_start is not None:
+            self.k_start = check_int("k_start", self.k_start, 1)
+        self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)
+        if self.k_anneal_fraction > 1:
+            raise ValueError(f"k_anneal_fraction: expected 0 < k_anneal_fraction <= 1, got {self.k_anneal_fraction}")
 
 
 DATASETS = ("synthetic",)

@@ -33,6 +33,15 @@ def _same_settings_but_lr(a: Optimizer, b: Optimizer) -> bool:
     return type(a) is type(b) and {**a.hyperparameters(), "lr": None} == {**b.hyperparameters(), "lr": None}
 
 
+class StepResult(NamedTuple):
+    """What one training step reports."""
+
+    loss: float
+    values: np.ndarray
+    indices: np.ndarray
+    auxk_loss: float
+
+
 class SparseCode(NamedTuple):
     """A k-sparse code: ``dense[r, indices[r, s]] = values[r, s]``."""
 
@@ -208,9 +217,7 @@ class SparseAutoencoder:
         if self._optimizer is None or not _same_settings_but_lr(self._optimizer, fresh):
             self._optimizer = fresh
         self._optimizer.lr = train.lr
-        if not hasattr(self, "history_"):
-            self.history_ = {}
-        self._train_step(X, cfg)
+        self._train_step(X, cfg, train)
         return self
 
     def _initialize(self, d_in: int, cfg: ModelConfig, X: np.ndarray | None = None) -> None:
@@ -300,41 +307,109 @@ class SparseAutoencoder:
         else:
             yield self._new_buffers(rows)
 
-    def _train_step(self, batch: np.ndarray, cfg: ModelConfig,
-                    clip_grad_norm: float | None = None) -> tuple[float, SparseCode]:
-        """Forward, loss, backward and optimizer update on one batch (shared by fit and
-        partial_fit). Returns the loss before the update and the batch's code."""
+    def _train_step(self, batch: np.ndarray, cfg: ModelConfig, train_cfg: TrainConfig | None = None,
+                    k: int | None = None) -> StepResult:
+        """Forward, loss, backward (plus AuxK), clipping and optimizer update on one batch,
+        shared by fit and partial_fit; ``k`` overrides cfg.k (the k curriculum). Returns the
+        loss before the update and the batch's code."""
         with self._workspace_lock:
-            return self._locked_train_step(batch, cfg, clip_grad_norm)
+            return self._locked_train_step(batch, cfg, train_cfg or TrainConfig(), k or cfg.k)
 
-    def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig,
-                           clip_grad_norm: float | None) -> tuple[float, SparseCode]:
+    def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig, train_cfg: TrainConfig,
+                           k: int) -> StepResult:
         p, g, nt = self._params, self._grads, self._threads(cfg)
         ws = self._buffers(batch.shape[0])
-        values, indices = _core.encode(batch, p["W_enc_t"], p["b_enc"], p["b_dec"], cfg.k,
+        values, indices = _core.encode(batch, p["W_enc_t"], p["b_enc"], p["b_dec"], k,
                                        cfg.activation, nt, ws["centered"], ws["pre"])
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
         loss, grad_out = mse_loss(x_hat, batch, overwrite=True)
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged at step {self.n_iter_ + 1}: the loss is {loss}; the weights "
-                f"are those of the last finite step. Lower the learning rate or rescale the data.")
+        self._check_finite("loss", loss)
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
                        g["W_dec"], g["b_dec"])
-        if clip_grad_norm is not None:
-            norm = clip_gradients(g, clip_grad_norm, nt)
-            if not np.isfinite(norm):
-                raise FloatingPointError(
-                    f"training diverged at step {self.n_iter_ + 1}: the gradient norm is {norm}; "
-                    "the weights are those of the last finite step. Lower the learning rate or "
-                    "rescale the data.")
+        auxk_loss = 0.0
+        if train_cfg.auxk_coef > 0:
+            auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
+        if train_cfg.clip_grad_norm is not None:
+            self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
         self.samples_since_fired_ += batch.shape[0]
         self.samples_since_fired_[indices[values != 0]] = 0
         self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
                              else frozenset(), n_threads=nt)
         self.n_iter_ += 1
-        return loss, SparseCode(values, indices)
+        return StepResult(loss, values, indices, auxk_loss)
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if not np.isfinite(value):
+            raise FloatingPointError(
+                f"training diverged at step {self.n_iter_ + 1}: the {what} is {value}; the "
+                "weights are those of the last finite step. Lower the learning rate or rescale "
+                "the data.")
+
+    def _auxk_backward(self, batch: np.ndarray, grad_out: np.ndarray, ws: dict[str, np.ndarray],
+                       cfg: ModelConfig, train_cfg: TrainConfig, nt: int) -> float:
+        """AuxK (Gao et al., 2024): the top auxk_k dead latents of each sample, chosen from the
+        pre-activations the encode left in ``ws["pre"]``, reconstruct the main model's residual
+        e = X - X_hat. Adds the gradients of ``auxk_coef * |e_hat - e|^2 / |e - mean(e)|^2`` to
+        the main ones; e is a constant (no gradient flows back into the main reconstruction).
+        Returns the AuxK loss (0 when no latent is dead)."""
+        dead = self.samples_since_fired_ >= train_cfg.dead_after_samples
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0.0
+        p, g = self._params, self._grads
+        k_aux = min(train_cfg.auxk_k or 2 * cfg.k, n_dead)
+        bias = np.where(dead, p["b_enc"], -np.inf).astype(p["b_enc"].dtype)
+        values, indices = _core.select_topk(ws["pre"], bias, k_aux, cfg.activation, nt)
+        residual = grad_out * grad_out.dtype.type(-grad_out.size / 2)  # X - X_hat, from the MSE gradient
+        scale = float(np.sum((residual - residual.mean(axis=0)) ** 2, dtype=np.float64))
+        if scale == 0:
+            return 0.0
+        # e_hat = dense(values) @ W_dec: the kernels' decode with a zero bias, so that AuxK
+        # trains the dead latents and leaves b_dec to the main loss.
+        zero_bias = np.zeros_like(p["b_dec"])
+        diff = _core.decode(values, indices, p["W_dec"], zero_bias, nt) - residual
+        loss = train_cfg.auxk_coef * float(np.sum(diff * diff, dtype=np.float64)) / scale
+        grad = diff * diff.dtype.type(2 * train_cfg.auxk_coef / scale)
+        _core.backward(grad, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
+                       cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
+                       g["W_dec"], g["b_dec"], True)
+        # The kernel's b_dec gradient includes the decoder's bias term, absent from e_hat;
+        # keep only the encoder's part (b_dec is subtracted from the input before encoding).
+        g["b_dec"] -= grad.sum(axis=0)
+        return loss
+
+    def _resample_dead_latents(self, batch: np.ndarray, train_cfg: TrainConfig) -> int:
+        """Re-initialise every dead latent toward an input the model reconstructs badly
+        (after Anthropic's resampling): inputs of ``batch`` are drawn with probability
+        proportional to their squared reconstruction error; a dead latent's decoder row
+        becomes the unit direction of that input's residual, its encoder row the same
+        direction at the mean norm of the live encoder rows (not Anthropic's 0.2 times: in a
+        TopK model a latent must win a place in the top k, and at 0.2 it measurably died
+        again), its bias 0, and its optimizer state is cleared. Returns how many latents were
+        resampled."""
+        dead = np.flatnonzero(self.samples_since_fired_ >= train_cfg.dead_after_samples)
+        if dead.size == 0:
+            return 0
+        residual = (batch - self.reconstruct(batch)).astype(np.float64)
+        error = np.einsum("ij,ij->i", residual, residual)
+        usable = error > 0
+        if not usable.any():
+            return 0
+        chosen = self._rng.choice(batch.shape[0], size=dead.size, p=error / error.sum())
+        directions = residual[chosen] / np.sqrt(error[chosen])[:, None]
+        p = self._params
+        alive = np.ones(p["W_dec"].shape[0], dtype=bool)
+        alive[dead] = False
+        enc_norm = float(np.linalg.norm(p["W_enc_t"][alive], axis=1).mean()) if alive.any() else 1.0
+        p["W_dec"][dead] = directions
+        p["W_enc_t"][dead] = directions * enc_norm
+        p["b_enc"][dead] = 0
+        for name in ("W_dec", "W_enc_t", "b_enc"):
+            for buffer in self._optimizer.state.get(name, {}).values():
+                buffer[dead] = 0
+        self.samples_since_fired_[dead] = 0
+        return int(dead.size)
 
     @staticmethod
     def _threads(cfg: ModelConfig) -> int:

@@ -27,28 +27,46 @@ if TYPE_CHECKING:
 Callback = Callable[[dict[str, Any]], None]
 
 
+def curriculum_k(k: int, train_cfg: TrainConfig, step: int, total_steps: int) -> int:
+    """The k curriculum: k_start at step 0, falling linearly to k at k_anneal_fraction of the
+    training steps, k afterwards (k itself when there is no k_start)."""
+    if train_cfg.k_start is None:
+        return k
+    span = max(1, round(train_cfg.k_anneal_fraction * total_steps))
+    if step >= span:
+        return k
+    return int(round(train_cfg.k_start + (k - train_cfg.k_start) * step / span))
+
+
 class RunningStats:
     """Training figures accumulated over a span of batches."""
 
-    def __init__(self, n_latents: int) -> None:
+    def __init__(self, n_latents: int, n_features: int) -> None:
+        self.n_features = n_features
         self.fired = np.zeros(n_latents, dtype=bool)
         self.samples = 0
         self.sse = 0.0
+        self.auxk = 0.0
         self.active = 0.0
+        self.resampled = 0
         self.started = time.perf_counter()
 
-    def add(self, loss: float, values: np.ndarray, indices: np.ndarray, n_features: int) -> None:
-        active = values != 0
-        self.fired[indices[active]] = True
-        self.samples += values.shape[0]
-        self.sse += loss * values.shape[0] * n_features
+    def add(self, result) -> None:
+        active = result.values != 0
+        rows = result.values.shape[0]
+        self.fired[result.indices[active]] = True
+        self.samples += rows
+        self.sse += result.loss * rows * self.n_features
+        self.auxk += result.auxk_loss * rows
         self.active += float(active.sum())
 
-    def record(self, n_features: int, total_variance_per_sample: float) -> dict[str, Any]:
-        loss = self.sse / (self.samples * n_features)
-        fve = 1.0 - (self.sse / self.samples) / total_variance_per_sample if total_variance_per_sample > 0 else float("nan")
+    def record(self, total_variance_per_sample: float) -> dict[str, Any]:
+        loss = self.sse / (self.samples * self.n_features)
+        fve = (1.0 - (self.sse / self.samples) / total_variance_per_sample
+               if total_variance_per_sample > 0 else float("nan"))
         return {"loss": loss, "fve": fve, "l0": self.active / self.samples,
-                "dead_fraction": float(1.0 - self.fired.mean()), "time": time.perf_counter() - self.started}
+                "dead_fraction": float(1.0 - self.fired.mean()), "auxk_loss": self.auxk / self.samples,
+                "resampled": self.resampled, "time": time.perf_counter() - self.started}
 
 
 def total_variance(X: np.ndarray, chunk: int = 8192) -> float:
@@ -113,9 +131,11 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
           train_cfg: TrainConfig, cfg: ModelConfig, callback: Callback | None) -> None:
     """Run ``train_cfg.epochs`` epochs of ``model`` on X (already validated and initialised)."""
     n, d = X.shape
-    steps_per_epoch = math.ceil(n / train_cfg.batch_size)
-    schedule = make_schedule(train_cfg.schedule, train_cfg.lr,
-                             total_steps=train_cfg.epochs * steps_per_epoch,
+    total_steps = train_cfg.epochs * math.ceil(n / train_cfg.batch_size)
+    if train_cfg.k_start is not None and not cfg.k <= train_cfg.k_start <= cfg.n_latents:
+        raise ValueError(f"k_start: expected k = {cfg.k} <= k_start <= n_latents = "
+                         f"{cfg.n_latents}, got {train_cfg.k_start}")
+    schedule = make_schedule(train_cfg.schedule, train_cfg.lr, total_steps=total_steps,
                              warmup_steps=train_cfg.warmup_steps, step_size=train_cfg.lr_step_size,
                              gamma=train_cfg.lr_gamma, min_lr=train_cfg.min_lr)
     variance_per_sample = total_variance(X) / n
@@ -124,24 +144,27 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
     emit = callback or (lambda record: None)
     optimizer = model._optimizer
     for epoch in range(1, train_cfg.epochs + 1):
-        epoch_stats, step_stats = RunningStats(cfg.n_latents), RunningStats(cfg.n_latents)
+        epoch_stats, step_stats = RunningStats(cfg.n_latents, d), RunningStats(cfg.n_latents, d)
         order = model._rng.permutation(n) if train_cfg.shuffle else None
         for start in range(0, n, train_cfg.batch_size):
             stop = min(start + train_cfg.batch_size, n)
             batch = X[order[start:stop]] if order is not None else X[start:stop]
             optimizer.lr = schedule(optimizer.n_steps)
-            loss, code = model._train_step(batch, cfg, clip_grad_norm=train_cfg.clip_grad_norm)
-            epoch_stats.add(loss, code.values, code.indices, d)
+            k = curriculum_k(cfg.k, train_cfg, model.n_iter_, total_steps)
+            result = model._train_step(batch, cfg, train_cfg, k)
+            epoch_stats.add(result)
+            if train_cfg.resample_every and model.n_iter_ % train_cfg.resample_every == 0:
+                epoch_stats.resampled += model._resample_dead_latents(batch, train_cfg)
             if train_cfg.log_every:
-                step_stats.add(loss, code.values, code.indices, d)
+                step_stats.add(result)
                 if model.n_iter_ % train_cfg.log_every == 0:
-                    record = {"event": "step", "epoch": epoch, "step": model.n_iter_,
-                              "lr": optimizer.lr, **step_stats.record(d, variance_per_sample)}
+                    record = {"event": "step", "epoch": epoch, "step": model.n_iter_, "k": k,
+                              "lr": optimizer.lr, **step_stats.record(variance_per_sample)}
                     append(model.step_history_, record)
                     emit(record)
-                    step_stats = RunningStats(cfg.n_latents)
-        record = {"event": "epoch", "epoch": epoch, "step": model.n_iter_, "lr": optimizer.lr,
-                  **epoch_stats.record(d, variance_per_sample)}
+                    step_stats = RunningStats(cfg.n_latents, d)
+        record = {"event": "epoch", "epoch": epoch, "step": model.n_iter_, "k": k,
+                  "lr": optimizer.lr, **epoch_stats.record(variance_per_sample)}
         if X_val is not None:
             record.update(validation_record(model, X_val))
         append(model.history_, record)
