@@ -346,3 +346,16 @@ def test_public_names():
         assert hasattr(ksae, name), name
     assert isinstance(ksae.has_openmp(), bool)
     assert isinstance(ksae.__version__, str)
+
+
+def test_readme_documents_every_option():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from ksae.config import ModelConfig, TrainConfig
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    missing = [f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)
+               if f"| `{f.name}` | `{f.default!r}` |" not in text]
+    assert not missing, f"README.md lacks a row with the default for: {missing}"
