@@ -33,7 +33,8 @@ def test_get_params_lists_constructor_arguments():
     sae = ksae.SparseAutoencoder(n_latents=100, k=7, activation="tanh", random_state=3)
     assert sae.get_params() == {
         "n_latents": 100, "k": 7, "activation": "tanh", "init": "tied",
-        "normalize_decoder": True, "b_dec_init": "zeros", "random_state": 3,
+        "normalize_decoder": True, "output_activation": "linear", "inference_k_scale": 1.0,
+        "b_dec_init": "zeros", "random_state": 3,
         "dtype": "float32", "n_threads": None}
     assert sae.get_params(deep=False) == sae.get_params()
 

@@ -14,6 +14,7 @@ from .config import ModelConfig, TrainConfig
 from .datasets import make_sparse_dictionary
 from .metrics import dictionary_recovery, fraction_of_variance_explained
 from .model import SparseAutoencoder, SparseCode
+from .probe import LinearProbe
 from .optim import SGD, Adam, RMSprop
 from .serialization import load
 
@@ -30,7 +31,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "SparseAutoencoder", "SparseCode", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
+    "SparseAutoencoder", "SparseCode", "LinearProbe", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
     "load", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
     "has_openmp", "build_info", "__version__",
 ]

@@ -15,6 +15,8 @@ ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
 INITS = ("tied", "xavier", "he")
 DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
+OUTPUT_ACTIVATIONS = ("linear", "sigmoid")
+LOSSES = ("mse", "bce")
 SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
@@ -82,6 +84,11 @@ class ModelConfig:
         choices=INITS))
     normalize_decoder: bool = field(default=True, metadata=_help(
         "keep decoder rows at unit norm (project their gradient, renormalise after each step)"))
+    output_activation: str = field(default="linear", metadata=_help(
+        "decoder output: linear, or sigmoid for data in [0, 1]", choices=OUTPUT_ACTIVATIONS))
+    inference_k_scale: float = field(default=1.0, metadata=_help(
+        "encode/transform keep round(scale * k) latents (the k-sparse paper's alpha; training "
+        "always uses k)"))
     b_dec_init: str = field(default="zeros", metadata=_help(
         "initial decoder bias: zeros, the mean of the first training data, or its geometric "
         "median (robust to outliers)", choices=B_DEC_INITS))
@@ -97,6 +104,8 @@ class ModelConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("init", self.init, INITS)
         check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
+        check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
+        self.inference_k_scale = check_positive_float("inference_k_scale", self.inference_k_scale)
         if not isinstance(self.normalize_decoder, bool):
             raise TypeError(f"normalize_decoder: expected a bool, got {self.normalize_decoder!r}")
         if self.random_state is not None:
@@ -111,6 +120,15 @@ class TrainConfig:
     """How a model is trained (the arguments of ``SparseAutoencoder.fit``)."""
 
     epochs: int = field(default=10, metadata=_help("passes over the training data"))
+    loss: str = field(default="mse", metadata=_help(
+        "reconstruction loss: mse (mean over all elements) or bce (binary cross-entropy; needs "
+        "output_activation='sigmoid' and data in [0, 1])", choices=LOSSES))
+    l1_weight: float = field(default=0.0, metadata=_help(
+        "L1 penalty on W_enc and W_dec (with l2_weight: elastic net)"))
+    l2_weight: float = field(default=0.0, metadata=_help("L2 penalty on W_enc and W_dec"))
+    input_dropout: float = field(default=0.0, metadata=_help(
+        "denoising: fraction of input features zeroed (masking noise) before encoding; the "
+        "target stays the clean input"))
     batch_size: int = field(default=256, metadata=_help("samples per optimizer step"))
     lr: float = field(default=1e-3, metadata=_help("learning rate"))
     optimizer: str = field(default="adam", metadata=_help(
@@ -156,6 +174,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.epochs = check_int("epochs", self.epochs, 1)
+        check_choice("loss", self.loss, LOSSES)
+        self.l1_weight = check_positive_float("l1_weight", self.l1_weight, allow_zero=True)
+        self.l2_weight = check_positive_float("l2_weight", self.l2_weight, allow_zero=True)
+        self.input_dropout = check_positive_float("input_dropout", self.input_dropout, allow_zero=True)
+        if self.input_dropout >= 1:
+            raise ValueError(f"input_dropout: expected 0 <= input_dropout < 1, got {self.input_dropout}")
         self.batch_size = check_int("batch_size", self.batch_size, 1)
         self.lr = check_positive_float("lr", self.lr)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

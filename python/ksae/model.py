@@ -15,7 +15,7 @@ from .config import ModelConfig, TrainConfig, check_known_keys, field_names
 from .buffers import aligned_copy, aligned_empty, as_aligned
 from . import training
 from .hygiene import initial_decoder_bias, normalize_rows
-from .losses import mse_loss
+from .losses import add_weight_penalties, reconstruction_loss, sigmoid
 from .metrics import fraction_of_variance_explained
 from .optim import Optimizer, make_optimizer
 from .optim import clip_grad_norm as clip_gradients
@@ -61,7 +61,8 @@ class SparseAutoencoder:
 
     Parameters are those of :class:`ksae.config.ModelConfig`: ``n_latents``, ``k``,
     ``activation`` ("relu", "linear", "sigmoid", "tanh"), ``init`` ("tied", "xavier", "he"),
-    ``normalize_decoder``, ``b_dec_init`` ("zeros", "mean", "geometric_median"), ``random_state``, ``dtype`` ("float32", "float64") and
+    ``normalize_decoder``, ``output_activation`` ("linear", "sigmoid"), ``inference_k_scale``,
+    ``b_dec_init`` ("zeros", "mean", "geometric_median"), ``random_state``, ``dtype`` ("float32", "float64") and
     ``n_threads`` (None: all cores).
 
     Fitted attributes: ``W_enc_`` (d_in, n_latents), ``b_enc_``, ``W_dec_`` (n_latents, d_in),
@@ -76,6 +77,7 @@ class SparseAutoencoder:
 
     def __init__(self, n_latents: int = 1024, k: int = 32, *, activation: str = "relu",
                  init: str = "tied", normalize_decoder: bool = True,
+                 output_activation: str = "linear", inference_k_scale: float = 1.0,
                  b_dec_init: str = "zeros", random_state: int | None = None, dtype: str = "float32",
                  n_threads: int | None = None) -> None:
         self.n_latents = n_latents
@@ -83,6 +85,8 @@ class SparseAutoencoder:
         self.activation = activation
         self.init = init
         self.normalize_decoder = normalize_decoder
+        self.output_activation = output_activation
+        self.inference_k_scale = inference_k_scale
         self.b_dec_init = b_dec_init
         self.random_state = random_state
         self.dtype = dtype
@@ -319,10 +323,13 @@ class SparseAutoencoder:
                            k: int) -> StepResult:
         p, g, nt = self._params, self._grads, self._threads(cfg)
         ws = self._buffers(batch.shape[0])
-        values, indices = _core.encode(batch, p["W_enc_t"], p["b_enc"], p["b_dec"], k,
+        encoded = batch
+        if train_cfg.input_dropout > 0:  # denoising: encode a masked copy, reconstruct the clean one
+            encoded = batch * (self._rng.random(batch.shape) >= train_cfg.input_dropout)
+        values, indices = _core.encode(encoded, p["W_enc_t"], p["b_enc"], p["b_dec"], k,
                                        cfg.activation, nt, ws["centered"], ws["pre"])
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
-        loss, grad_out = mse_loss(x_hat, batch, overwrite=True)
+        loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         self._check_finite("loss", loss)
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
@@ -330,6 +337,8 @@ class SparseAutoencoder:
         auxk_loss = 0.0
         if train_cfg.auxk_coef > 0:
             auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
+        if train_cfg.l1_weight or train_cfg.l2_weight:
+            add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
         if train_cfg.clip_grad_norm is not None:
             self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
         self.samples_since_fired_ += batch.shape[0]
@@ -353,6 +362,10 @@ class SparseAutoencoder:
         e = X - X_hat. Adds the gradients of ``auxk_coef * |e_hat - e|^2 / |e - mean(e)|^2`` to
         the main ones; e is a constant (no gradient flows back into the main reconstruction).
         Returns the AuxK loss (0 when no latent is dead)."""
+        if train_cfg.loss != "mse" or cfg.output_activation != "linear":
+            raise ValueError("auxk_coef: AuxK reconstructs the residual of a linear-output MSE "
+                             f"model; this one has loss={train_cfg.loss!r}, "
+                             f"output_activation={cfg.output_activation!r}")
         dead = self.samples_since_fired_ >= train_cfg.dead_after_samples
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -418,22 +431,29 @@ class SparseAutoencoder:
     # ----------------------------------------------------------------- inference
     def encode(self, X: Any) -> SparseCode:
         """The k-sparse code of each row of ``X``: ``SparseCode(values, indices)``, each
-        (n_samples, k), values in decreasing order (the lower index first on ties)."""
+        (n_samples, k'), values in decreasing order (the lower index first on ties), where
+        k' = round(inference_k_scale * k) (k by default)."""
         cfg = self.config
         self._check_architecture(cfg)
         X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
         p, nt = self._params, self._threads(cfg)
         n = X.shape[0]
-        values = np.empty((n, cfg.k), dtype=cfg.dtype)
-        indices = np.empty((n, cfg.k), dtype=np.int64)
+        k = self.inference_k(cfg)
+        values = np.empty((n, k), dtype=cfg.dtype)
+        indices = np.empty((n, k), dtype=np.int64)
         chunk = max(1, _WORKSPACE_BYTES // (cfg.n_latents * X.itemsize))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             with self._scratch(stop - start) as ws:
                 values[start:stop], indices[start:stop] = _core.encode(
-                    X[start:stop], p["W_enc_t"], p["b_enc"], p["b_dec"], cfg.k, cfg.activation,
+                    X[start:stop], p["W_enc_t"], p["b_enc"], p["b_dec"], k, cfg.activation,
                     nt, ws["centered"], ws["pre"])
         return SparseCode(values, indices)
+
+    @staticmethod
+    def inference_k(cfg: ModelConfig) -> int:
+        """Latents kept per sample by encode: round(inference_k_scale * k), within [1, n_latents]."""
+        return int(min(cfg.n_latents, max(1, round(cfg.inference_k_scale * cfg.k))))
 
     def transform(self, X: Any) -> np.ndarray:
         """Dense codes, (n_samples, n_latents), zero outside each row's k kept latents."""
@@ -443,12 +463,14 @@ class SparseAutoencoder:
         return dense
 
     def decode(self, values: Any, indices: Any) -> np.ndarray:
-        """Reconstruct inputs from sparse codes: ``dense(values, indices) @ W_dec + b_dec``."""
+        """Reconstruct inputs from sparse codes: ``out(dense(values, indices) @ W_dec + b_dec)``
+        with ``out`` the output activation (identity or sigmoid)."""
         cfg = self.config
         self._check_architecture(cfg)
         v, i = as_code(values, indices, cfg.dtype, cfg.n_latents)
         p = self._params
-        return _core.decode(v, i, p["W_dec"], p["b_dec"], self._threads(cfg))
+        X_hat = _core.decode(v, i, p["W_dec"], p["b_dec"], self._threads(cfg))
+        return sigmoid(X_hat, out=X_hat) if cfg.output_activation == "sigmoid" else X_hat
 
     def reconstruct(self, X: Any) -> np.ndarray:
         """``decode(*encode(X))``: the model's reconstruction of each row of ``X``."""
