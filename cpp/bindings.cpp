@@ -79,13 +79,29 @@ void check_2d(const py::handle& obj, const char* name) {
   }
 }
 
+const std::vector<std::pair<std::string, ksae::Activation>>& activation_names() {
+  static const std::vector<std::pair<std::string, ksae::Activation>> names = {
+      {"relu", ksae::Activation::relu},         {"linear", ksae::Activation::linear},
+      {"sigmoid", ksae::Activation::sigmoid},   {"tanh", ksae::Activation::tanh},
+      {"leaky_relu", ksae::Activation::leaky_relu}, {"elu", ksae::Activation::elu},
+      {"swish", ksae::Activation::swish},       {"gelu", ksae::Activation::gelu},
+      {"softmax", ksae::Activation::softmax}};
+  return names;
+}
+
 ksae::Activation parse_activation(const std::string& name) {
-  if (name == "relu") return ksae::Activation::relu;
-  if (name == "linear") return ksae::Activation::linear;
-  if (name == "sigmoid") return ksae::Activation::sigmoid;
-  if (name == "tanh") return ksae::Activation::tanh;
-  throw py::value_error("activation: expected one of 'relu', 'linear', 'sigmoid', 'tanh', got '" +
-                        name + "'");
+  std::string known;
+  for (const auto& [key, act] : activation_names()) {
+    if (key == name) return act;
+    known += (known.empty() ? "'" : ", '") + key + "'";
+  }
+  throw py::value_error("activation: expected one of " + known + ", got '" + name + "'");
+}
+
+// The optional (batch, k) buffer for the kept pre-activations, or null.
+template <class T>
+T* optional_buffer(const py::object& obj, const char* name, Index batch, Index k, bool writable) {
+  return obj.is_none() ? nullptr : checked<T>(obj, name, {batch, k}, writable);
 }
 
 void check_indices(const LatentIndex* idx, Index count, Index k, Index n_latents) {
@@ -106,7 +122,8 @@ bool is_float32(const py::handle& obj) {
 template <class T>
 py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
                       const py::object& b_dec, Index k, const std::string& activation,
-                      int n_threads, const py::object& centered, const py::object& pre) {
+                      int n_threads, const py::object& centered, const py::object& pre,
+                      const py::object& selected_pre) {
   check_2d(W_enc_t, "W_enc_t");
   check_2d(X, "X");
   const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
@@ -125,13 +142,14 @@ py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::
              : checked<T>(centered, "centered", {batch, d}, true);
   T* p = pre.is_none() ? (pre_arr = py::array_t<T>({batch, n})).mutable_data()
                        : checked<T>(pre, "pre", {batch, n}, true);
+  T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
   py::array_t<T> values({batch, k});
   py::array_t<LatentIndex> indices({batch, k});
   T* v = values.mutable_data();
   LatentIndex* ix = indices.mutable_data();
   {
     py::gil_scoped_release release;
-    ksae::encode_topk<T>(x, batch, d, w, be, bd, n, k, act, n_threads, c, p, v, ix);
+    ksae::encode_topk<T>(x, batch, d, w, be, bd, n, k, act, n_threads, c, p, v, ix, sp);
   }
   return py::make_tuple(values, indices);
 }
@@ -170,7 +188,8 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& W_enc_t, const py::object& W_dec,
                    const std::string& activation, bool project_decoder_grad, int n_threads,
                    const py::object& grad_W_enc_t, const py::object& grad_b_enc,
-                   const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate) {
+                   const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate,
+                   const py::object& selected_pre) {
   check_2d(W_dec, "W_dec");
   check_2d(values, "values");
   const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
@@ -185,15 +204,21 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
   T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {n}, true);
   T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {n, d}, true);
   T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {d}, true);
+  const T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, false);
+  if (sp == nullptr && ksae::derivative_needs_pre(act)) {
+    throw py::value_error("selected_pre: the " + activation + " derivative needs the kept "
+                          "pre-activations (pass the array encode filled)");
+  }
   check_indices(ix, batch * k, k, n);
   py::gil_scoped_release release;
   ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d, act, project_decoder_grad,
-                         n_threads, gwe, gbe, gwd, gbd, accumulate);
+                         n_threads, gwe, gbe, gwd, gbd, accumulate, sp);
 }
 
 template <class T>
 py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
-                      const std::string& activation, int n_threads) {
+                      const std::string& activation, int n_threads,
+                      const py::object& selected_pre) {
   check_2d(pre, "pre");
   const Index batch = dim(pre, 0), n = dim(pre, 1);
   const auto act = parse_activation(activation);
@@ -203,13 +228,14 @@ py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
   }
   const T* p = checked<T>(pre, "pre", {batch, n});
   const T* b = checked<T>(bias, "bias", {n});
+  T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
   py::array_t<T> values({batch, k});
   py::array_t<LatentIndex> indices({batch, k});
   T* v = values.mutable_data();
   LatentIndex* ix = indices.mutable_data();
   {
     py::gil_scoped_release release;
-    ksae::select_topk<T>(p, b, batch, n, k, act, n_threads, v, ix);
+    ksae::select_topk<T>(p, b, batch, n, k, act, n_threads, v, ix, sp);
   }
   return py::make_tuple(values, indices);
 }
@@ -361,20 +387,21 @@ PYBIND11_MODULE(_core, m) {
       "encode",
       [](const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
          const py::object& b_dec, Index k, const std::string& activation, int n_threads,
-         const py::object& centered, const py::object& pre) {
+         const py::object& centered, const py::object& pre, const py::object& selected_pre) {
         return is_float32(X) ? encode_impl<float>(X, W_enc_t, b_enc, b_dec, k, activation,
-                                                  n_threads, centered, pre)
+                                                  n_threads, centered, pre, selected_pre)
                              : encode_impl<double>(X, W_enc_t, b_enc, b_dec, k, activation,
-                                                   n_threads, centered, pre);
+                                                   n_threads, centered, pre, selected_pre);
       },
       py::arg("X"), py::arg("W_enc_t"), py::arg("b_enc"), py::arg("b_dec"), py::arg("k"),
       py::arg("activation") = "relu", py::arg("n_threads") = 0,
       py::arg("centered") = py::none(), py::arg("pre") = py::none(),
+      py::arg("selected_pre") = py::none(),
       "TopK encode: (values, indices) of the k largest entries per row of\n"
       "(X - b_dec) @ W_enc_t.T + b_enc, values passed through the activation, ordered by\n"
       "decreasing pre-activation (the lower index first on ties). `centered` (batch x d_in)\n"
       "receives X - b_dec; `pre` (batch x n_latents) is scratch space. Both are allocated\n"
-      "when None.");
+      "when None. `selected_pre` (batch x k), if given, receives the kept pre-activations.");
 
   m.def(
       "decode",
@@ -393,32 +420,34 @@ PYBIND11_MODULE(_core, m) {
          const py::object& indices, const py::object& W_enc_t, const py::object& W_dec,
          const std::string& activation, bool project_decoder_grad, int n_threads,
          const py::object& gwe, const py::object& gbe, const py::object& gwd,
-         const py::object& gbd, bool accumulate) {
+         const py::object& gbd, bool accumulate, const py::object& selected_pre) {
         if (is_float32(values)) {
           backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                               project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate);
+                               project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
+                               selected_pre);
         } else {
           backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate);
+                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
+                                selected_pre);
         }
       },
       py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
       py::arg("W_enc_t"), py::arg("W_dec"), py::arg("activation"),
       py::arg("project_decoder_grad"), py::arg("n_threads"), py::arg("grad_W_enc_t"),
       py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
-      py::arg("accumulate") = false,
+      py::arg("accumulate") = false, py::arg("selected_pre") = py::none(),
       "TopK backward: writes (or, with accumulate, adds) the gradients of W_enc (transposed),\n"
       "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.");
 
   m.def(
       "select_topk",
       [](const py::object& pre, const py::object& bias, Index k, const std::string& activation,
-         int n_threads) {
-        return is_float32(pre) ? select_impl<float>(pre, bias, k, activation, n_threads)
-                               : select_impl<double>(pre, bias, k, activation, n_threads);
+         int n_threads, const py::object& selected_pre) {
+        return is_float32(pre) ? select_impl<float>(pre, bias, k, activation, n_threads, selected_pre)
+                               : select_impl<double>(pre, bias, k, activation, n_threads, selected_pre);
       },
       py::arg("pre"), py::arg("bias"), py::arg("k"), py::arg("activation") = "relu",
-      py::arg("n_threads") = 0,
+      py::arg("n_threads") = 0, py::arg("selected_pre") = py::none(),
       "(values, indices) of the k largest entries per row of pre + bias (values through the\n"
       "activation), as encode selects; a -inf bias excludes a latent.");
 

@@ -11,7 +11,7 @@ import pytest
 
 DTYPES = (np.float32, np.float64)
 THREADS = (1, 2)
-ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
+ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh", "leaky_relu", "elu", "swish", "gelu", "softmax")
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 """Largest norm-wise relative error accepted against the float64 reference, per dtype."""

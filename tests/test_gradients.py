@@ -26,14 +26,15 @@ PARAMS = ("W_enc_t", "b_enc", "W_dec", "b_dec")
 
 def forward(p, X, activation):
     centered = np.empty_like(X)
+    selected_pre = np.empty((X.shape[0], K))
     values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], K, activation, 1,
-                                   centered, None)
+                                   centered, None, selected_pre)
     X_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], 1)
-    return centered, values, indices, X_hat
+    return centered, values, indices, X_hat, selected_pre
 
 
 def loss_of(p, X, activation, expected_indices=None):
-    _, values, indices, X_hat = forward(p, X, activation)
+    _, values, indices, X_hat, _ = forward(p, X, activation)
     if expected_indices is not None:
         # The perturbation must not move the selection (else the check is meaningless).
         np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected_indices, axis=1))
@@ -42,9 +43,12 @@ def loss_of(p, X, activation, expected_indices=None):
 
 def well_separated(p, X, activation) -> bool:
     pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
-    s = -np.sort(-pre, axis=1)
+    scores = ref.selection_scores(pre, activation)
+    s = -np.sort(-scores, axis=1)
     if np.min(s[:, K - 1] - s[:, K]) <= MIN_GAP:
         return False
+    if activation in ("leaky_relu", "elu"):  # away from the kink at 0
+        return np.min(np.abs(s[:, :K])) > MIN_GAP
     if activation == "relu":
         # Away from the kink; most kept latents active so the encoder gets a gradient, and
         # at least one kept but inactive (relu'(pre) = 0 must block its route).
@@ -71,11 +75,11 @@ def tie_free_problem(activation, seed0=0):
 
 
 def analytic_gradients(p, X, activation, project=False):
-    centered, values, indices, X_hat = forward(p, X, activation)
+    centered, values, indices, X_hat, selected_pre = forward(p, X, activation)
     _, grad_out = mse_loss(X_hat, X)
     grads = {name: np.empty_like(p[name]) for name in PARAMS}
     _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], activation,
-                   project, 1, *(grads[name] for name in PARAMS))
+                   project, 1, *(grads[name] for name in PARAMS), False, selected_pre)
     return grads, indices
 
 

@@ -214,7 +214,7 @@ def test_wrong_format_version_raises(saved, version):
 @pytest.mark.parametrize("params,match", [
     ({"k": 0}, "k"),
     ({"k": 21}, "k"),
-    ({"activation": "gelu"}, "activation"),
+    ({"activation": "swiglu"}, "activation"),
     ({"dtype": "int8"}, "dtype"),
     ({"k": "three"}, "k"),
     ({"unknown_param": 1}, "unknown_param"),

@@ -36,6 +36,8 @@ struct LatentGroups {
 
 // Gradients of a loss L with respect to the parameters, given grad_out = dL/dX_hat:
 //     dpre          = (grad_out @ W_dec.T) * act'(pre), kept on the selected entries only
+//                     (softmax: the Jacobian of the row's softmax over its k entries; swish and
+//                     gelu read the kept pre-activations from `selected_pre`)
 //     grad_W_dec    = dense(values).T @ grad_out
 //     grad_W_enc_t  = dense(dpre).T @ centered           (the transpose of dL/dW_enc)
 //     grad_b_enc    = dense(dpre).sum(axis=0)
@@ -51,11 +53,12 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
                    const LatentIndex* indices, Index batch, Index k, const T* W_enc_t,
                    const T* W_dec, Index n_latents, Index d_in, Activation act,
                    bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
-                   T* grad_W_dec, T* grad_b_dec, bool accumulate = false) {
+                   T* grad_W_dec, T* grad_b_dec, bool accumulate = false,
+                   const T* selected_pre = nullptr) {
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
   using ConstRow = Eigen::Map<const RowVec>;
   using Row = Eigen::Map<RowVec>;
-  const int nt = resolve_threads(n_threads);
+  const int nt = threads_for(n_threads, double(batch) * double(k) * double(d_in) + double(n_latents) * double(d_in), 1 << 16);
   const Index count = batch * k;
   std::vector<T> dpre(static_cast<size_t>(count));
   std::vector<T> db_enc(static_cast<size_t>(n_latents), T(0));  // this call's part of grad_b_enc
@@ -66,10 +69,21 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   {
     FlushSubnormals flush;
 #pragma omp for schedule(static)
-    for (Index p = 0; p < count; ++p) {
-      const Index r = p / k;
-      const T dz = ConstRow(grad_out + r * d_in, d_in).dot(ConstRow(W_dec + indices[p] * d_in, d_in));
-      dpre[p] = dz * activation_derivative(act, values[p]);
+    for (Index r = 0; r < batch; ++r) {
+      ConstRow g(grad_out + r * d_in, d_in);
+      T* dp = dpre.data() + r * k;
+      const T* a = values + r * k;
+      for (Index s = 0; s < k; ++s) dp[s] = g.dot(ConstRow(W_dec + indices[r * k + s] * d_in, d_in));
+      if (act == Activation::softmax) {  // d a_s / d x_t = a_s (delta_st - a_t)
+        T weighted = T(0);
+        for (Index s = 0; s < k; ++s) weighted += a[s] * dp[s];
+        for (Index s = 0; s < k; ++s) dp[s] = a[s] * (dp[s] - weighted);
+      } else {
+        for (Index s = 0; s < k; ++s) {
+          const T x = selected_pre ? selected_pre[r * k + s] : T(0);
+          dp[s] *= activation_derivative(act, a[s], x);
+        }
+      }
     }
 
 #pragma omp for schedule(dynamic, 64)

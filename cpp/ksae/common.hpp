@@ -32,9 +32,83 @@ using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
 template <class T>
 using StridedMatrixMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
 
-// Encoder activations. Every one of these is monotone non-decreasing, so the top-k is chosen
-// on the pre-activations and the activation is evaluated on the k kept values only.
-enum class Activation : int { relu = 0, linear = 1, sigmoid = 2, tanh = 3 };
+// Encoder activations. The top-k is chosen on act(pre); for the monotone ones that is the
+// top-k of pre itself (ties in act, e.g. relu's zeros, then go by pre), so the activation is
+// evaluated on the k kept values only. swish and gelu are not monotone: their selection
+// evaluates the activation on every entry. softmax keeps the k largest pre-activations and
+// normalises over those k (TopK, then softmax), so each row's values sum to 1.
+enum class Activation : int {
+  relu = 0, linear = 1, sigmoid = 2, tanh = 3, leaky_relu = 4, elu = 5, swish = 6, gelu = 7,
+  softmax = 8
+};
+
+constexpr double kLeakySlope = 0.01;
+
+inline bool is_monotone(Activation act) {
+  return act != Activation::swish && act != Activation::gelu;
+}
+
+// Whether activation_derivative needs the pre-activation x (not only the output a).
+inline bool derivative_needs_pre(Activation act) {
+  return act == Activation::swish || act == Activation::gelu;
+}
+
+template <class T>
+inline T sigmoid_of(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// act(x) for every activation but softmax (a row operation, see normalize_softmax).
+template <class T>
+inline T activate(Activation act, T x) {
+  switch (act) {
+    case Activation::relu: return x > T(0) ? x : T(0);
+    case Activation::linear: return x;
+    case Activation::sigmoid: return sigmoid_of(x);
+    case Activation::tanh: return std::tanh(x);
+    case Activation::leaky_relu: return x > T(0) ? x : T(kLeakySlope) * x;
+    case Activation::elu: return x > T(0) ? x : std::expm1(x);
+    case Activation::swish: return x * sigmoid_of(x);
+    case Activation::gelu: return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    case Activation::softmax: return x;
+  }
+  return x;
+}
+
+// d act / d pre at pre-activation x with output a = act(x); x is only read for swish and gelu.
+// (softmax couples a row and is handled by the backward kernel.)
+template <class T>
+inline T activation_derivative(Activation act, T a, T x) {
+  switch (act) {
+    case Activation::relu: return a > T(0) ? T(1) : T(0);
+    case Activation::linear: return T(1);
+    case Activation::sigmoid: return a * (T(1) - a);
+    case Activation::tanh: return T(1) - a * a;
+    case Activation::leaky_relu: return a > T(0) ? T(1) : T(kLeakySlope);
+    case Activation::elu: return a > T(0) ? T(1) : a + T(1);
+    case Activation::swish: {
+      const T s = sigmoid_of(x);
+      return s + x * s * (T(1) - s);
+    }
+    case Activation::gelu: {
+      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+      const T pdf = T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
+      return cdf + x * pdf;
+    }
+    case Activation::softmax: return T(1);
+  }
+  return T(1);
+}
+
+// softmax over one row's k kept pre-activations, in place: values[s] = exp(x_s - max) / sum.
+template <class T>
+inline void normalize_softmax(T* values, Index k) {
+  T top = values[0];
+  for (Index s = 1; s < k; ++s) top = std::max(top, values[s]);
+  T sum = T(0);
+  for (Index s = 0; s < k; ++s) sum += (values[s] = std::exp(values[s] - top));
+  for (Index s = 0; s < k; ++s) values[s] /= sum;
+}
 
 inline bool has_openmp() {
 #ifdef KSAE_HAVE_OPENMP
@@ -70,28 +144,20 @@ inline int resolve_threads(int n_threads) {
 #endif
 }
 
-template <class T>
-inline T activate(Activation act, T x) {
-  switch (act) {
-    case Activation::relu: return x > T(0) ? x : T(0);
-    case Activation::linear: return x;
-    case Activation::sigmoid: return T(1) / (T(1) + std::exp(-x));
-    case Activation::tanh: return std::tanh(x);
-  }
-  return x;
+// Threads a kernel uses: exactly n_threads when the caller asks for a number (> 0);
+// otherwise (the default) as many as are worth starting for `work` units when one thread
+// should get at least `grain` of them, at most all the runtime offers. Waking threads for
+// tiny kernels costs more than it saves, and on a loaded machine each extra thread of a short
+// parallel region can stall the others at the barrier; measured: a 256-latent training run
+// took 2.1 s instead of 0.8 s next to a busy process, and the test suite 95 s instead of 6 s.
+// Depends only on the arguments, never on timing, so results stay reproducible.
+inline int threads_for(int n_threads, double work, double grain) {
+  const int nt = resolve_threads(n_threads);
+  if (n_threads > 0) return nt;
+  const double useful = work / grain;
+  return useful >= nt ? nt : std::max(1, static_cast<int>(useful));
 }
 
-// d act / d pre, written in terms of the activation's output a = act(pre).
-template <class T>
-inline T activation_derivative(Activation act, T a) {
-  switch (act) {
-    case Activation::relu: return a > T(0) ? T(1) : T(0);
-    case Activation::linear: return T(1);
-    case Activation::sigmoid: return a * (T(1) - a);
-    case Activation::tanh: return T(1) - a * a;
-  }
-  return T(1);
-}
 
 // out[0:d] = init[0:d] (or 0 when init is null) + sum_e coef_e * row_e[0:d], where
 // term(e) returns {coef_e, row_e}. The sum runs over 32-wide column chunks held in

@@ -10,7 +10,7 @@ namespace ksae {
 
 template <class T>
 void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
-                 Activation act, T* values, LatentIndex* indices);
+                 Activation act, T* values, LatentIndex* indices, T* selected_pre);
 
 // Encodes a batch and keeps the k largest pre-activations per row:
 //     centered = X - b_dec                                       (batch x d_in)
@@ -20,12 +20,14 @@ void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Inde
 // W_enc is held transposed (W_enc_t, n_latents x d_in, row-major) so that a latent's encoder
 // weights are one contiguous row, as its decoder weights are in W_dec.
 // `centered` (batch x d_in) is an output kept for the backward pass; `pre` (batch x n_latents)
-// is scratch space holding the pre-activations without b_enc.
+// is scratch space holding the pre-activations without b_enc; `selected_pre` (batch x k, may
+// be null) receives the kept pre-activations, which swish's and gelu's derivatives need.
+// The selection is on act(pre) (see Activation); softmax normalises each row's k values.
 template <class T>
 void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
                  const T* b_dec, Index n_latents, Index k, Activation act, int n_threads,
-                 T* centered, T* pre, T* values, LatentIndex* indices) {
-  const int nt = resolve_threads(n_threads);
+                 T* centered, T* pre, T* values, LatentIndex* indices, T* selected_pre = nullptr) {
+  const int nt = threads_for(n_threads, double(batch) * double(n_latents) * double(d_in), 1 << 20);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
@@ -51,7 +53,7 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
       P.noalias() = C * W.transpose();
     }
 #pragma omp barrier
-    select_rows(pre, b_enc, batch, n_latents, k, act, values, indices);
+    select_rows(pre, b_enc, batch, n_latents, k, act, values, indices, selected_pre);
   }
 }
 
@@ -60,14 +62,30 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
 // as an `omp for` inside the caller's parallel region.
 template <class T>
 void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
-                 Activation act, T* values, LatentIndex* indices) {
+                 Activation act, T* values, LatentIndex* indices, T* selected_pre) {
   SelectionScratch<T> scratch;
+  // An orphaned `omp for`: every thread of the caller's region takes the same branch.
+  auto run = [&](auto key) {
 #pragma omp for schedule(static)
-  for (Index r = 0; r < batch; ++r) {
-    const T* p = pre + r * n_latents;
-    LatentIndex* idx = indices + r * k;
-    select_topk_row(p, bias, n_latents, k, idx, scratch);
-    for (Index s = 0; s < k; ++s) values[r * k + s] = activate(act, p[idx[s]] + bias[idx[s]]);
+    for (Index r = 0; r < batch; ++r) {
+      const T* p = pre + r * n_latents;
+      LatentIndex* idx = indices + r * k;
+      T* v = values + r * k;
+      select_topk_row(p, bias, n_latents, k, idx, scratch, key);
+      for (Index s = 0; s < k; ++s) {
+        const T x = p[idx[s]] + bias[idx[s]];
+        if (selected_pre) selected_pre[r * k + s] = x;
+        v[s] = act == Activation::softmax ? x : activate(act, x);
+      }
+      if (act == Activation::softmax) normalize_softmax(v, k);
+    }
+  };
+  if (act == Activation::swish) {
+    run([](T x) { return activate(Activation::swish, x); });
+  } else if (act == Activation::gelu) {
+    run([](T x) { return activate(Activation::gelu, x); });
+  } else {
+    run([](T x) { return x; });
   }
 }
 
@@ -75,12 +93,13 @@ void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Inde
 // encode left behind (AuxK picks among dead latents by giving the others a -inf bias).
 template <class T>
 void select_topk(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
-                 Activation act, int n_threads, T* values, LatentIndex* indices) {
-  const int nt = resolve_threads(n_threads);
+                 Activation act, int n_threads, T* values, LatentIndex* indices,
+                 T* selected_pre = nullptr) {
+  const int nt = threads_for(n_threads, double(batch) * double(n_latents), 1 << 15);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
-    select_rows(pre, bias, batch, n_latents, k, act, values, indices);
+    select_rows(pre, bias, batch, n_latents, k, act, values, indices, selected_pre);
   }
 }
 
@@ -90,7 +109,7 @@ void select_topk(const T* pre, const T* bias, Index batch, Index n_latents, Inde
 template <class T>
 void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Index k,
                    const T* W_dec, const T* b_dec, Index d_in, int n_threads, T* out) {
-  const int nt = resolve_threads(n_threads);
+  const int nt = threads_for(n_threads, double(batch) * double(k + 1) * double(d_in), 1 << 16);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;

@@ -12,7 +12,7 @@ namespace ksae {
 // equal flat slices.
 template <class F>
 void for_each_span(Index rows, Index cols, bool by_row, int n_threads, F fn) {
-  const int nt = resolve_threads(n_threads);
+  const int nt = threads_for(n_threads, double(rows) * double(cols), 1 << 15);
   if (by_row) {
 #pragma omp parallel num_threads(nt)
     {
@@ -206,7 +206,7 @@ double squared_norm(const T* x, Index n, int n_threads) {
   }
   std::vector<double> partial(static_cast<size_t>(n_chunks));
   double* out = partial.data();
-  const int nt = static_cast<int>(std::min<Index>(resolve_threads(n_threads), n_chunks));
+  const int nt = threads_for(n_threads, double(n_chunks), 2);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;

@@ -40,18 +40,19 @@ inline void finish_selection(std::vector<Candidate<T>>& c, Index k, LatentIndex*
   for (Index s = 0; s < k; ++s) out_index[s] = c[s].index;
 }
 
-// Selects the k largest entries of (row + bias) and writes their indices to `out_index`,
-// ordered by decreasing value, the lower index first on ties. Equals
-//     stable_argsort(-(row + bias))[:k]          (NaN counted as -inf)
+// Selects the k largest entries of key(row + bias) and writes their indices to `out_index`,
+// ordered by decreasing key, the lower index first on ties. Equals
+//     stable_argsort(-key(row + bias))[:k]          (NaN counted as -inf)
+// `key` is the identity for monotone activations, the activation itself otherwise.
 //
 // The row is viewed as `nb` strided blocks of `width` entries (block b holds entries
 // b, b + nb, b + 2*nb, ...), so the block maxima are one vectorisable pass of elementwise
 // maxima. The k-th largest block maximum t is a lower bound of the k-th largest entry (k
 // blocks each hold an entry >= t), so only entries >= t in blocks whose maximum is >= t
 // (about k blocks) can be selected; they are gathered and cut to k with std::nth_element.
-template <class T>
+template <class T, class Key>
 void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex* out_index,
-                     SelectionScratch<T>& scratch) {
+                     SelectionScratch<T>& scratch, Key key) {
   auto& cand = scratch.candidates;
   cand.clear();
   Index width = 32;
@@ -65,7 +66,7 @@ void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex*
       const T* r = row + t * nb;
       const T* b = bias + t * nb;
       for (Index i = 0; i < nb; ++i) {
-        const T v = r[i] + b[i];
+        const T v = key(r[i] + b[i]);
         M[i] = v > M[i] ? v : M[i];  // NaN never raises a maximum
       }
     }
@@ -77,12 +78,12 @@ void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex*
       if (!(M[i] >= threshold)) continue;
       for (Index t = 0; t < width; ++t) {
         const Index j = t * nb + i;
-        const T v = row[j] + bias[j];
+        const T v = key(row[j] + bias[j]);
         if (v >= threshold) cand.push_back({v, j});
       }
     }
     for (Index j = width * nb; j < n; ++j) {
-      const T v = row[j] + bias[j];
+      const T v = key(row[j] + bias[j]);
       if (v >= threshold) cand.push_back({v, j});
     }
     // Fewer than k candidates only when NaNs fill the top: fall back to the full row.
@@ -90,7 +91,7 @@ void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex*
     cand.clear();
   }
   cand.reserve(static_cast<size_t>(n));
-  for (Index j = 0; j < n; ++j) cand.push_back({selection_key(row[j] + bias[j]), j});
+  for (Index j = 0; j < n; ++j) cand.push_back({selection_key(key(row[j] + bias[j])), j});
   finish_selection(cand, k, out_index);
 }
 

@@ -10,6 +10,7 @@ def encode(
     X: NDArray[np.floating], W_enc_t: NDArray[np.floating], b_enc: NDArray[np.floating],
     b_dec: NDArray[np.floating], k: int, activation: str = "relu", n_threads: int = 0,
     centered: NDArray[np.floating] | None = None, pre: NDArray[np.floating] | None = None,
+    selected_pre: NDArray[np.floating] | None = None,
 ) -> tuple[NDArray[np.floating], NDArray[np.int64]]: ...
 def decode(
     values: NDArray[np.floating], indices: NDArray[np.int64], W_dec: NDArray[np.floating],
@@ -21,10 +22,11 @@ def backward(
     activation: str, project_decoder_grad: bool, n_threads: int,
     grad_W_enc_t: NDArray[np.floating], grad_b_enc: NDArray[np.floating],
     grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating], accumulate: bool = False,
+    selected_pre: NDArray[np.floating] | None = None,
 ) -> None: ...
 def select_topk(
     pre: NDArray[np.floating], bias: NDArray[np.floating], k: int, activation: str = "relu",
-    n_threads: int = 0,
+    n_threads: int = 0, selected_pre: NDArray[np.floating] | None = None,
 ) -> tuple[NDArray[np.floating], NDArray[np.int64]]: ...
 def adam_update(
     param: NDArray[np.floating], grad: NDArray[np.floating], exp_avg: NDArray[np.floating],

@@ -11,7 +11,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
+ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh", "leaky_relu", "elu", "swish", "gelu", "softmax")
+NEEDS_SELECTED_PRE = ("swish", "gelu")  # derivatives that need the pre-activation itself
 INITS = ("tied", "xavier", "he")
 DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
@@ -78,7 +79,10 @@ class ModelConfig:
 
     n_latents: int = field(default=1024, metadata=_help("number of dictionary latents"))
     k: int = field(default=32, metadata=_help("active latents kept per sample (top-k)"))
-    activation: str = field(default="relu", metadata=_help("encoder activation", choices=ACTIVATIONS))
+    activation: str = field(default="relu", metadata=_help(
+        "encoder activation: relu, linear, sigmoid, tanh, leaky_relu (slope 0.01), elu, swish, "
+        "gelu (these two are not monotone: the top-k ranks act(pre)), or softmax over the k "
+        "kept latents", choices=ACTIVATIONS))
     init: str = field(default="tied", metadata=_help(
         "weight initialisation: tied (W_enc = W_dec.T, unit decoder rows), xavier or he",
         choices=INITS))
@@ -94,7 +98,8 @@ class ModelConfig:
         "median (robust to outliers)", choices=B_DEC_INITS))
     random_state: int | None = field(default=None, metadata=_help("seed for initialisation and shuffling"))
     dtype: str = field(default="float32", metadata=_help("floating-point precision", choices=DTYPES))
-    n_threads: int | None = field(default=None, metadata=_help("threads for the C++ kernels (default: all cores)"))
+    n_threads: int | None = field(default=None, metadata=_help(
+        "threads for the C++ kernels (default: all cores, fewer for kernels too small to gain)"))
 
     def __post_init__(self) -> None:
         self.n_latents = check_int("n_latents", self.n_latents, 1)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from . import _core
-from .config import ModelConfig, TrainConfig, check_known_keys, field_names
+from .config import NEEDS_SELECTED_PRE, ModelConfig, TrainConfig, check_known_keys, field_names
 from .buffers import aligned_copy, aligned_empty, as_aligned
 from . import training
 from .hygiene import initial_decoder_bias, normalize_rows
@@ -326,14 +326,15 @@ class SparseAutoencoder:
         encoded = batch
         if train_cfg.input_dropout > 0:  # denoising: encode a masked copy, reconstruct the clean one
             encoded = batch * (self._rng.random(batch.shape) >= train_cfg.input_dropout)
+        selected_pre = self._selected_pre_buffer(batch.shape[0], k, cfg)
         values, indices = _core.encode(encoded, p["W_enc_t"], p["b_enc"], p["b_dec"], k,
-                                       cfg.activation, nt, ws["centered"], ws["pre"])
+                                       cfg.activation, nt, ws["centered"], ws["pre"], selected_pre)
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         self._check_finite("loss", loss)
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                       g["W_dec"], g["b_dec"])
+                       g["W_dec"], g["b_dec"], False, selected_pre)
         auxk_loss = 0.0
         if train_cfg.auxk_coef > 0:
             auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
@@ -347,6 +348,11 @@ class SparseAutoencoder:
                              else frozenset(), n_threads=nt)
         self.n_iter_ += 1
         return StepResult(loss, values, indices, auxk_loss)
+
+    @staticmethod
+    def _selected_pre_buffer(rows: int, k: int, cfg: ModelConfig) -> np.ndarray | None:
+        """Room for the kept pre-activations when the activation's derivative needs them."""
+        return np.empty((rows, k), dtype=cfg.dtype) if cfg.activation in NEEDS_SELECTED_PRE else None
 
     def _check_finite(self, what: str, value: float) -> None:
         if not np.isfinite(value):
@@ -373,7 +379,8 @@ class SparseAutoencoder:
         p, g = self._params, self._grads
         k_aux = min(train_cfg.auxk_k or 2 * cfg.k, n_dead)
         bias = np.where(dead, p["b_enc"], -np.inf).astype(p["b_enc"].dtype)
-        values, indices = _core.select_topk(ws["pre"], bias, k_aux, cfg.activation, nt)
+        selected_pre = self._selected_pre_buffer(batch.shape[0], k_aux, cfg)
+        values, indices = _core.select_topk(ws["pre"], bias, k_aux, cfg.activation, nt, selected_pre)
         residual = grad_out * grad_out.dtype.type(-grad_out.size / 2)  # X - X_hat, from the MSE gradient
         scale = float(np.sum((residual - residual.mean(axis=0)) ** 2, dtype=np.float64))
         if scale == 0:
@@ -386,7 +393,7 @@ class SparseAutoencoder:
         grad = diff * diff.dtype.type(2 * train_cfg.auxk_coef / scale)
         _core.backward(grad, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                       g["W_dec"], g["b_dec"], True)
+                       g["W_dec"], g["b_dec"], True, selected_pre)
         # The kernel's b_dec gradient includes the decoder's bias term, absent from e_hat;
         # keep only the encoder's part (b_dec is subtracted from the input before encoding).
         g["b_dec"] -= grad.sum(axis=0)

@@ -12,24 +12,63 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import numpy as np
 
 from .hygiene import normalize_rows
-
-ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]]
-"""name -> (activation, its derivative written in terms of the activation's output)."""
-
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-ACTIVATIONS = {
-    "relu": (lambda x: np.maximum(x, 0), lambda a: (a > 0).astype(a.dtype)),
-    "linear": (lambda x: x, lambda a: np.ones_like(a)),
-    "sigmoid": (_sigmoid, lambda a: a * (1 - a)),
-    "tanh": (np.tanh, lambda a: 1 - a * a),
+_erf = np.vectorize(math.erf, otypes=[float])
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def _gelu_derivative(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+LEAKY_SLOPE = 0.01
+
+ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
+    "relu": (lambda x: np.maximum(x, 0), lambda a, x: (a > 0).astype(a.dtype)),
+    "linear": (lambda x: x, lambda a, x: np.ones_like(a)),
+    "sigmoid": (_sigmoid, lambda a, x: a * (1 - a)),
+    "tanh": (np.tanh, lambda a, x: 1 - a * a),
+    "leaky_relu": (lambda x: np.where(x > 0, x, LEAKY_SLOPE * x),
+                   lambda a, x: np.where(a > 0, 1.0, LEAKY_SLOPE).astype(a.dtype)),
+    "elu": (lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
+            lambda a, x: np.where(a > 0, 1.0, a + 1).astype(a.dtype)),
+    "swish": (lambda x: x * _sigmoid(x),
+              lambda a, x: _sigmoid(x) + x * _sigmoid(x) * (1 - _sigmoid(x))),
+    "gelu": (_gelu, _gelu_derivative),
 }
+"""Elementwise activations: name -> (act(x), d act / dx written as f(a, x) with a = act(x)).
+``softmax`` is not elementwise: it normalises each row's k kept values (see
+``activate_selected``)."""
+
+NON_MONOTONE = ("swish", "gelu")
+"""Activations whose top-k must be chosen on act(pre) rather than pre."""
+
+
+def selection_scores(pre: np.ndarray, activation: str) -> np.ndarray:
+    """What the top-k ranks: act(pre) for non-monotone activations, pre otherwise (the same
+    order for monotone ones, with act's ties, such as relu's zeros, broken by pre)."""
+    return ACTIVATIONS[activation][0](pre) if activation in NON_MONOTONE else pre
+
+
+def activate_selected(x: np.ndarray, activation: str) -> np.ndarray:
+    """The values of the kept latents from their pre-activations x (batch, k): softmax over
+    each row's k entries, or the elementwise activation."""
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return ACTIVATIONS[activation][0](x)
 
 
 def topk_indices(pre: np.ndarray, k: int) -> np.ndarray:
@@ -57,11 +96,17 @@ def pre_activations(X: np.ndarray, W_enc: np.ndarray, b_enc: np.ndarray, b_dec: 
 
 
 def encode(X, W_enc, b_enc, b_dec, k: int, activation: str = "relu") -> tuple[np.ndarray, np.ndarray]:
-    """TopK encode: ``indices = topk_indices(pre, k)``, ``values = act(pre[indices])``."""
+    """TopK encode: ``indices = topk_indices(selection_scores(pre), k)``,
+    ``values = activate_selected(pre[indices])``."""
     pre = pre_activations(X, W_enc, b_enc, b_dec)
-    indices = topk_indices(pre, k)
-    values = ACTIVATIONS[activation][0](np.take_along_axis(pre, indices, axis=1))
+    indices = topk_indices(selection_scores(pre, activation), k)
+    values = activate_selected(np.take_along_axis(pre, indices, axis=1), activation)
     return values, indices
+
+
+def selected_pre_activations(X, W_enc, b_enc, b_dec, indices) -> np.ndarray:
+    """The pre-activations of the kept latents, (batch, k)."""
+    return np.take_along_axis(pre_activations(X, W_enc, b_enc, b_dec), indices, axis=1)
 
 
 def densify(values: np.ndarray, indices: np.ndarray, n_latents: int) -> np.ndarray:
@@ -83,18 +128,26 @@ def mse_loss(X_hat: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def backward(grad_out, X, values, indices, W_enc, b_dec, W_dec, activation: str = "relu",
-             project_decoder_grad: bool = False) -> dict[str, np.ndarray]:
+             project_decoder_grad: bool = False, selected_pre=None) -> dict[str, np.ndarray]:
     """Gradients of a loss with respect to W_enc, b_enc, W_dec and b_dec, given
     ``grad_out = dL/dX_hat`` and the code (values, indices) of the forward pass.
 
     The selection is the gradient's route: it is fixed by the forward pass and entries off
     it get no gradient. With ``project_decoder_grad``, each decoder row's gradient loses its
-    component along the row.
+    component along the row. ``selected_pre`` (the kept pre-activations) is needed for swish
+    and gelu, whose derivatives are not functions of the output alone.
     """
     n = W_dec.shape[0]
     Z = densify(values, indices, n)
-    mask = densify(np.ones_like(values), indices, n)
-    dpre = (grad_out @ W_dec.T) * ACTIVATIONS[activation][1](Z) * mask
+    dz = np.take_along_axis(grad_out @ W_dec.T, indices, axis=1)
+    if activation == "softmax":
+        dp = values * (dz - np.sum(values * dz, axis=1, keepdims=True))
+    else:
+        if selected_pre is None and activation in NON_MONOTONE:
+            raise ValueError(f"selected_pre: needed for the {activation} derivative")
+        x = selected_pre if selected_pre is not None else np.zeros_like(values)
+        dp = dz * ACTIVATIONS[activation][1](values, x)
+    dpre = densify(dp, indices, n)
     grad_W_dec = Z.T @ grad_out
     if project_decoder_grad:
         norms2 = np.einsum("ij,ij->i", W_dec, W_dec)
@@ -193,8 +246,9 @@ class DenseNumpySAE:
         p = self.params
         values, indices = self.encode(X)
         loss, grad_out = mse_loss(decode(values, indices, p["W_dec"], p["b_dec"]), X)
+        selected_pre = selected_pre_activations(X, p["W_enc"], p["b_enc"], p["b_dec"], indices)
         grads = backward(grad_out, X, values, indices, p["W_enc"], p["b_dec"], p["W_dec"],
-                         self.activation, self.normalize_decoder)
+                         self.activation, self.normalize_decoder, selected_pre)
         self.n_steps += 1
         for name, param in p.items():
             m, v = self.state[name]
