@@ -125,13 +125,8 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     // implicit barrier: db_enc is complete.
 
     // grad_b_dec, split by feature columns so each thread owns its outputs.
-    int tid = 0, nth = 1;
-#ifdef KSAE_HAVE_OPENMP
-    tid = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
     Index c0, c1;
-    split_range(d_in, nth, tid, &c0, &c1, 16);
+    this_thread_range(d_in, &c0, &c1, 16);
     if (c1 > c0) {
       const Index w = c1 - c0;
       Row acc(grad_b_dec + c0, w);

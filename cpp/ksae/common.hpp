@@ -194,4 +194,15 @@ inline void split_range(Index n, int parts, int p, Index* begin, Index* end, Ind
   *end = std::min<Index>(n, *begin + chunk);
 }
 
+// The calling thread's share [begin, end) of [0, n) inside a parallel region (all of it
+// outside one, or without OpenMP): for work each thread must own outright.
+inline void this_thread_range(Index n, Index* begin, Index* end, Index align = 1) {
+  int tid = 0, nth = 1;
+#ifdef KSAE_HAVE_OPENMP
+  tid = omp_get_thread_num();
+  nth = omp_get_num_threads();
+#endif
+  split_range(n, nth, tid, begin, end, align);
+}
+
 }  // namespace ksae

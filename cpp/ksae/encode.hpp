@@ -39,13 +39,8 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
     }
     // The dense product, split by latent columns: each thread multiplies all rows by its own
     // slice of W_enc, so the large operand is read (and packed) once in all.
-    int tid = 0, nth = 1;
-#ifdef KSAE_HAVE_OPENMP
-    tid = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
     Index c0, c1;
-    split_range(n_latents, nth, tid, &c0, &c1, 16);
+    this_thread_range(n_latents, &c0, &c1, 16);
     if (c1 > c0) {
       ConstMatrixMap<T> C(centered, batch, d_in);
       ConstMatrixMap<T> W(W_enc_t + c0 * d_in, c1 - c0, d_in);

@@ -25,13 +25,8 @@ void for_each_span(Index rows, Index cols, bool by_row, int n_threads, F fn) {
 #pragma omp parallel num_threads(nt)
     {
       FlushSubnormals flush;
-      int tid = 0, nth = 1;
-#ifdef KSAE_HAVE_OPENMP
-      tid = omp_get_thread_num();
-      nth = omp_get_num_threads();
-#endif
       Index b, e;
-      split_range(total, nth, tid, &b, &e, 64);
+      this_thread_range(total, &b, &e, 64);
       if (e > b) fn(b, e, false);
     }
   }
