@@ -249,3 +249,41 @@ def test_k_curriculum_anneals_k_over_the_set_fraction(data):
     assert l0[0] > 8 and l0[-1] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="k_start"):
         small_model().fit(data.X, epochs=1, k_start=2)
+
+
+# ----------------------------------------------------------------------------- batchtopk
+def test_batchtopk_keeps_k_times_batch_latents_per_batch(data):
+    sae = small_model(sparsity="batchtopk")
+    sae.partial_fit(data.X[:100], lr=1e-12)
+    result = sae._train_step(data.X[100:200], sae.config)
+    assert result.values.shape == (100, 12)  # candidates: max_k = 4k per sample
+    assert np.count_nonzero(result.values) == 3 * 100  # the batch's budget, spread unevenly
+    per_sample = np.count_nonzero(result.values, axis=1)
+    assert per_sample.min() < 3 < per_sample.max()
+
+
+def test_batchtopk_inference_threshold_makes_encoding_independent_of_the_batch(data):
+    sae = small_model(sparsity="batchtopk").fit(data.X[:1000], epochs=5, batch_size=100)
+    assert sae.threshold_ is not None and sae.threshold_ > 0
+    batch_code = sae.encode(data.X[1000:])
+    single = [sae.encode(data.X[i:i + 1]) for i in range(1000, 1200)]
+    # The same code one sample at a time (up to the product's rounding for 1 row vs many).
+    np.testing.assert_allclose(np.concatenate([c.values for c in single]), batch_code.values,
+                               rtol=1e-5, atol=1e-6)
+    l0_single = np.mean([np.count_nonzero(c.values) for c in single])
+    l0_batch = np.count_nonzero(batch_code.values, axis=1).mean()
+    assert l0_single == pytest.approx(l0_batch, abs=0.05)
+    assert 0.8 * 3 <= l0_batch <= 1.25 * 3  # on average about k, as in training
+    train_l0 = np.count_nonzero(sae.encode(data.X[:1000]).values, axis=1).mean()
+    assert train_l0 == pytest.approx(3, abs=0.01)  # calibrated on the training data
+    topk = small_model().fit(data.X[:1000], epochs=5, batch_size=100)
+    assert sae.score(data.X[1000:]) > 0.75 * topk.score(data.X[1000:])  # measured 0.40 vs 0.48
+
+
+def test_batchtopk_threshold_round_trips_and_needs_relu(data, tmp_path):
+    sae = small_model(sparsity="batchtopk").fit(data.X[:500], epochs=1, batch_size=100)
+    loaded = ksae.load(sae.save(tmp_path / "m"))
+    assert loaded.threshold_ == sae.threshold_
+    np.testing.assert_array_equal(loaded.encode(data.X[:20]).values, sae.encode(data.X[:20]).values)
+    with pytest.raises(ValueError, match="batchtopk needs 'relu'"):
+        small_model(sparsity="batchtopk", activation="tanh").fit(data.X, epochs=1)

@@ -18,6 +18,7 @@ DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 OUTPUT_ACTIVATIONS = ("linear", "sigmoid")
 LOSSES = ("mse", "bce")
+SPARSITIES = ("topk", "batchtopk")
 SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
@@ -79,6 +80,13 @@ class ModelConfig:
 
     n_latents: int = field(default=1024, metadata=_help("number of dictionary latents"))
     k: int = field(default=32, metadata=_help("active latents kept per sample (top-k)"))
+    sparsity: str = field(default="topk", metadata=_help(
+        "topk: exactly k latents per sample; batchtopk: the k * batch largest over the whole "
+        "batch (at most max_k per sample), and at inference every latent above a threshold "
+        "learned in training, so a sample's code does not depend on its batch",
+        choices=SPARSITIES))
+    max_k: int | None = field(default=None, metadata=_help(
+        "batchtopk: most latents one sample may keep (default: 4 * k)"))
     activation: str = field(default="relu", metadata=_help(
         "encoder activation: relu, linear, sigmoid, tanh, leaky_relu (slope 0.01), elu, swish, "
         "gelu (these two are not monotone: the top-k ranks act(pre)), or softmax over the k "
@@ -107,6 +115,12 @@ class ModelConfig:
         if self.k > self.n_latents:
             raise ValueError(f"k: expected 1 <= k <= n_latents = {self.n_latents}, got {self.k}")
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("sparsity", self.sparsity, SPARSITIES)
+        if self.sparsity == "batchtopk" and self.activation != "relu":
+            raise ValueError(f"activation: batchtopk needs 'relu' (a zeroed latent must carry no "
+                             f"gradient), got {self.activation!r}")
+        if self.max_k is not None:
+            self.max_k = check_int("max_k", self.max_k, self.k, self.n_latents)
         check_choice("init", self.init, INITS)
         check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
         check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)

@@ -75,13 +75,16 @@ class SparseAutoencoder:
         values, indices = sae.encode(X)
     """
 
-    def __init__(self, n_latents: int = 1024, k: int = 32, *, activation: str = "relu",
+    def __init__(self, n_latents: int = 1024, k: int = 32, *, sparsity: str = "topk",
+                 max_k: int | None = None, activation: str = "relu",
                  init: str = "tied", normalize_decoder: bool = True,
                  output_activation: str = "linear", inference_k_scale: float = 1.0,
                  b_dec_init: str = "zeros", random_state: int | None = None, dtype: str = "float32",
                  n_threads: int | None = None) -> None:
         self.n_latents = n_latents
         self.k = k
+        self.sparsity = sparsity
+        self.max_k = max_k
         self.activation = activation
         self.init = init
         self.normalize_decoder = normalize_decoder
@@ -271,6 +274,7 @@ class SparseAutoencoder:
         self.history_: dict[str, list] = {}
         self.step_history_: dict[str, list] = {}
         self.samples_since_fired_ = np.zeros(n_latents, dtype=np.int64)
+        self.threshold_: float | None = None  # batchtopk's inference threshold
 
     def _set_weights(self, params: dict[str, np.ndarray], dtype: np.dtype) -> None:
         self._params = {name: as_aligned(params[name], dtype) for name in PARAM_NAMES}
@@ -326,9 +330,12 @@ class SparseAutoencoder:
         encoded = batch
         if train_cfg.input_dropout > 0:  # denoising: encode a masked copy, reconstruct the clean one
             encoded = batch * (self._rng.random(batch.shape) >= train_cfg.input_dropout)
-        selected_pre = self._selected_pre_buffer(batch.shape[0], k, cfg)
-        values, indices = _core.encode(encoded, p["W_enc_t"], p["b_enc"], p["b_dec"], k,
+        width = self.code_width(cfg, k)
+        selected_pre = self._selected_pre_buffer(batch.shape[0], width, cfg)
+        values, indices = _core.encode(encoded, p["W_enc_t"], p["b_enc"], p["b_dec"], width,
                                        cfg.activation, nt, ws["centered"], ws["pre"], selected_pre)
+        if cfg.sparsity == "batchtopk":
+            self._keep_batch_top(values, k)
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         self._check_finite("loss", loss)
@@ -348,6 +355,33 @@ class SparseAutoencoder:
                              else frozenset(), n_threads=nt)
         self.n_iter_ += 1
         return StepResult(loss, values, indices, auxk_loss)
+
+    @staticmethod
+    def code_width(cfg: ModelConfig, k: int | None = None) -> int:
+        """Latents selected per sample before any thresholding: k for topk; for batchtopk the
+        per-sample cap max_k (default 4k), within which the batch-wide choice is made."""
+        k = k or cfg.k
+        if cfg.sparsity == "batchtopk":
+            return int(min(cfg.n_latents, cfg.max_k or 4 * k))
+        return k
+
+    def _keep_batch_top(self, values: np.ndarray, k: int) -> None:
+        """BatchTopK, in place: of the (batch, max_k) candidate values keep the k * batch
+        largest over the whole batch (zeroing the rest; relu makes a zero carry no gradient)
+        and fold the smallest kept value into a running estimate of the inference threshold
+        (which fit then calibrates on the training data, see calibrate_threshold)."""
+        budget = k * values.shape[0]
+        flat = values.reshape(-1)
+        if budget < flat.size:
+            cut = np.partition(flat, flat.size - budget)[flat.size - budget]
+            values[values < cut] = 0
+        kept = values[values > 0]
+        if kept.size:
+            smallest = float(kept.min())
+            step = self.n_iter_ + 1  # a plain mean at first, then an exponential one
+            rate = max(1.0 / step, 0.01)
+            self.threshold_ = (smallest if self.threshold_ is None
+                               else (1 - rate) * self.threshold_ + rate * smallest)
 
     @staticmethod
     def _selected_pre_buffer(rows: int, k: int, cfg: ModelConfig) -> np.ndarray | None:
@@ -439,13 +473,22 @@ class SparseAutoencoder:
     def encode(self, X: Any) -> SparseCode:
         """The k-sparse code of each row of ``X``: ``SparseCode(values, indices)``, each
         (n_samples, k'), values in decreasing order (the lower index first on ties), where
-        k' = round(inference_k_scale * k) (k by default)."""
+        k' = round(inference_k_scale * k) (k by default). With batchtopk, k' is the per-sample
+        cap and values below the learned ``threshold_`` are zero."""
+        values, indices = self._candidates(X)
+        if self.config.sparsity == "batchtopk":
+            # Per sample, independent of the batch: every latent above the learned threshold.
+            values[values < (self.threshold_ or 0.0)] = 0
+        return SparseCode(values, indices)
+
+    def _candidates(self, X: Any) -> SparseCode:
+        """The top code_width latents of each row, before any batchtopk threshold."""
         cfg = self.config
         self._check_architecture(cfg)
         X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
         p, nt = self._params, self._threads(cfg)
         n = X.shape[0]
-        k = self.inference_k(cfg)
+        k = self.code_width(cfg, self.inference_k(cfg))
         values = np.empty((n, k), dtype=cfg.dtype)
         indices = np.empty((n, k), dtype=np.int64)
         chunk = max(1, _WORKSPACE_BYTES // (cfg.n_latents * X.itemsize))
@@ -456,6 +499,19 @@ class SparseAutoencoder:
                     X[start:stop], p["W_enc_t"], p["b_enc"], p["b_dec"], k, cfg.activation,
                     nt, ws["centered"], ws["pre"])
         return SparseCode(values, indices)
+
+    def calibrate_threshold(self, X: Any) -> float:
+        """batchtopk: set ``threshold_`` so that encoding X keeps k latents per sample on
+        average (the (n_samples * k)-th largest candidate activation of X), which makes
+        single-sample encoding match training's batch sparsity. ``fit`` calls it on the
+        training data at the end; call it after ``partial_fit`` training. Returns it."""
+        cfg = self.config
+        if cfg.sparsity != "batchtopk":
+            raise ValueError(f"sparsity: calibrate_threshold is for 'batchtopk', this model uses {cfg.sparsity!r}")
+        flat = self._candidates(X).values.reshape(-1)
+        budget = min(flat.size, cfg.k * (flat.size // self.code_width(cfg)))
+        self.threshold_ = float(np.partition(flat, flat.size - budget)[flat.size - budget])
+        return self.threshold_
 
     @staticmethod
     def inference_k(cfg: ModelConfig) -> int:
@@ -501,6 +557,7 @@ class SparseAutoencoder:
         p = self._fitted()
         self._check_architecture(self.config)
         meta = {"params": asdict(self.config), "n_iter": self.n_iter_,
+                "threshold": self.threshold_,
                 "history": getattr(self, "history_", {})}
         weights = {"W_enc": np.ascontiguousarray(p["W_enc_t"].T), "b_enc": p["b_enc"],
                    "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
@@ -515,3 +572,5 @@ class SparseAutoencoder:
         self._reset_training_state(cfg.n_latents)
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.history_ = meta.get("history", {})
+        threshold = meta.get("threshold")
+        self.threshold_ = None if threshold is None else float(threshold)

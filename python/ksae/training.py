@@ -177,3 +177,5 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
         if train_cfg.restore_best_weights and stopper.best_params is not None:
             for name, best in stopper.best_params.items():
                 np.copyto(model._params[name], best)
+    if cfg.sparsity == "batchtopk":
+        model.calibrate_threshold(X)
