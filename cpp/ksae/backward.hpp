@@ -86,6 +86,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       }
     }
 
+    std::vector<T> decoder_row;  // per thread: this call's decoder row when accumulating
 #pragma omp for schedule(dynamic, 64)
     for (Index j = 0; j < n_latents; ++j) {
       Row gd(grad_W_dec + j * d_in, d_in);
@@ -102,24 +103,28 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       const Index* entries = groups.entries.data() + begin;
       const Index* rows = groups.rows.data() + begin;
       const Index count = end - begin;
-      // With accumulate, the rows start from (and so add to) what they hold.
-      const T* gd_init = accumulate ? gd.data() : nullptr;
-      const T* ge_init = accumulate ? ge.data() : nullptr;
-      weighted_row_sum(gd.data(), d_in, count, [&](Index e) {
+      // With accumulate and no projection, the rows start from (and so add to) what they
+      // hold. With projection, this call's decoder row is formed and projected on its own
+      // first, so a buffer's earlier content is added to, never projected again.
+      const bool separate_decoder_row = accumulate && project_decoder_grad;
+      if (separate_decoder_row) decoder_row.resize(static_cast<size_t>(d_in));
+      T* gd_out = separate_decoder_row ? decoder_row.data() : gd.data();
+      weighted_row_sum(gd_out, d_in, count, [&](Index e) {
         return std::make_pair(values[entries[e]], grad_out + rows[e] * d_in);
-      }, gd_init);
+      }, accumulate && !separate_decoder_row ? gd.data() : nullptr);
       weighted_row_sum(ge.data(), d_in, count, [&](Index e) {
         return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
-      }, ge_init);
+      }, accumulate ? ge.data() : nullptr);
       T gb = T(0);
       for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
       db_enc[j] = gb;
       grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
       if (project_decoder_grad) {
-        // Projection is linear: projecting the sum equals summing the projected parts.
+        Row part(gd_out, d_in);
         ConstRow w(W_dec + j * d_in, d_in);
         const T ww = w.squaredNorm();
-        if (ww > T(0)) gd.noalias() -= (gd.dot(w) / ww) * w;
+        if (ww > T(0)) part.noalias() -= (part.dot(w) / ww) * w;
+        if (separate_decoder_row) gd.noalias() += part;
       }
     }
     // implicit barrier: db_enc is complete.

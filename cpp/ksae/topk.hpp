@@ -74,19 +74,22 @@ void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex*
     std::nth_element(scratch.order.begin(), scratch.order.begin() + (k - 1), scratch.order.end(),
                      [](T a, T b) { return a > b; });
     const T threshold = scratch.order[k - 1];
+    // A NaN counts as -inf: it can only matter (and its block only be visited) when the
+    // threshold is -inf, and then it ties with -inf entries by index.
     for (Index i = 0; i < nb; ++i) {
       if (!(M[i] >= threshold)) continue;
       for (Index t = 0; t < width; ++t) {
         const Index j = t * nb + i;
-        const T v = key(row[j] + bias[j]);
+        const T v = selection_key(key(row[j] + bias[j]));
         if (v >= threshold) cand.push_back({v, j});
       }
     }
     for (Index j = width * nb; j < n; ++j) {
-      const T v = key(row[j] + bias[j]);
+      const T v = selection_key(key(row[j] + bias[j]));
       if (v >= threshold) cand.push_back({v, j});
     }
-    // Fewer than k candidates only when NaNs fill the top: fall back to the full row.
+    // k blocks reach the threshold, so there are at least k candidates; the full-row path
+    // below stays as a guard.
     if (static_cast<Index>(cand.size()) >= k) return finish_selection(cand, k, out_index);
     cand.clear();
   }

@@ -175,12 +175,10 @@ class SparseAutoencoder:
             **options: Any) -> "SparseAutoencoder":
         """Initialise the weights and train for ``epochs`` passes over ``X``.
 
-        ``options`` are the other :class:`ksae.config.TrainConfig` fields: ``momentum``,
-        ``nesterov``, ``weight_decay``, ``schedule``, ``warmup_steps``, ``lr_step_size``,
-        ``lr_gamma``, ``min_lr``, ``clip_grad_norm``, ``validation_split``,
-        ``early_stopping_patience``, ``early_stopping_min_delta``, ``restore_best_weights``
-        and ``log_every``. ``validation_data`` (or ``validation_split``) is scored after each
-        epoch. ``callback`` receives every history record (see ``ksae.training``). Returns
+        ``options`` are the other :class:`ksae.config.TrainConfig` fields (loss, penalties,
+        input dropout, schedule, clipping, validation split, early stopping, AuxK,
+        resampling, k curriculum, ...; the README lists each with its default).
+        ``validation_data`` (or ``validation_split``) is scored after each epoch. ``callback`` receives every history record (see ``ksae.training``). Returns
         self; per-epoch figures are in ``history_``, per-``log_every``-steps ones in
         ``step_history_``.
         """

@@ -76,6 +76,7 @@ def topk_indices(pre: np.ndarray, k: int) -> np.ndarray:
     first on ties: exactly ``np.argsort(-pre, axis=1, kind="stable")[:, :k]``, computed with
     ``argpartition`` in O(batch * n_latents)."""
     batch, n = pre.shape
+    pre = np.where(np.isnan(pre), -np.inf, pre)  # NaN ranks as -inf (ties by index)
     if k >= n:
         return np.argsort(-pre, axis=1, kind="stable")[:, :k]
     part = np.argpartition(-pre, k - 1, axis=1)[:, :k]
@@ -110,9 +111,11 @@ def selected_pre_activations(X, W_enc, b_enc, b_dec, indices) -> np.ndarray:
 
 
 def densify(values: np.ndarray, indices: np.ndarray, n_latents: int) -> np.ndarray:
-    """Scatter (batch, k) codes into a dense (batch, n_latents) array."""
+    """Scatter (batch, k) codes into a dense (batch, n_latents) array; an index repeated
+    within a row adds its values."""
     dense = np.zeros((values.shape[0], n_latents), dtype=values.dtype)
-    np.put_along_axis(dense, indices, values, axis=1)
+    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
+    np.add.at(dense, (rows, indices.reshape(-1)), values.reshape(-1))
     return dense
 
 
