@@ -254,54 +254,60 @@ std::vector<Index> param_shape(const py::handle& obj, const char* name) {
   return std::vector<Index>(arr.shape(), arr.shape() + arr.ndim());
 }
 
-std::pair<Index, Index> rows_cols(const std::vector<Index>& shape) {
-  return shape.size() == 1 ? std::make_pair(Index(1), shape[0]) : std::make_pair(shape[0], shape[1]);
-}
+// A parameter and the arrays an optimizer keeps beside it, all checked to share its shape.
+template <class T>
+struct OptimizerArrays {
+  std::vector<Index> shape;
+  Index rows, cols;  // a vector is one row
+  T* param;
+  const T* grad;
+
+  OptimizerArrays(const py::object& param_obj, const py::object& grad_obj)
+      : shape(param_shape(param_obj, "param")),
+        rows(shape.size() == 1 ? 1 : shape[0]),
+        cols(shape.back()),
+        param(checked<T>(param_obj, "param", shape, true)),
+        grad(checked<T>(grad_obj, "grad", shape)) {}
+
+  T* state(const py::object& obj, const char* name) const { return checked<T>(obj, name, shape, true); }
+
+  // The momentum buffer: may be None only when momentum is 0.
+  T* momentum_buffer(const py::object& obj, double momentum) const {
+    if (!obj.is_none()) return state(obj, "momentum_buffer");
+    if (momentum != 0.0) throw py::value_error("momentum_buffer: required when momentum != 0");
+    return nullptr;
+  }
+};
 
 template <class T>
 void adam_impl(const py::object& param, const py::object& grad, const py::object& m,
                const py::object& v, const ksae::AdamSettings& s, bool unit_norm_rows,
                int n_threads) {
-  const auto shape = param_shape(param, "param");
-  T* p = checked<T>(param, "param", shape, true);
-  const T* g = checked<T>(grad, "grad", shape);
-  T* mm = checked<T>(m, "exp_avg", shape, true);
-  T* vv = checked<T>(v, "exp_avg_sq", shape, true);
-  const auto [rows, cols] = rows_cols(shape);
+  const OptimizerArrays<T> a(param, grad);
+  T* mm = a.state(m, "exp_avg");
+  T* vv = a.state(v, "exp_avg_sq");
   py::gil_scoped_release release;
-  ksae::adam_update<T>(p, g, mm, vv, rows, cols, s, unit_norm_rows, n_threads);
+  ksae::adam_update<T>(a.param, a.grad, mm, vv, a.rows, a.cols, s, unit_norm_rows, n_threads);
 }
 
 template <class T>
 void sgd_impl(const py::object& param, const py::object& grad, const py::object& buf,
               const ksae::SgdSettings& s, bool unit_norm_rows, int n_threads) {
-  const auto shape = param_shape(param, "param");
-  T* p = checked<T>(param, "param", shape, true);
-  const T* g = checked<T>(grad, "grad", shape);
-  T* b = buf.is_none() ? nullptr : checked<T>(buf, "momentum_buffer", shape, true);
-  if (b == nullptr && s.momentum != 0.0) {
-    throw py::value_error("momentum_buffer: required when momentum != 0");
-  }
-  const auto [rows, cols] = rows_cols(shape);
+  const OptimizerArrays<T> a(param, grad);
+  T* b = a.momentum_buffer(buf, s.momentum);
   py::gil_scoped_release release;
-  ksae::sgd_update<T>(p, g, b, rows, cols, s, unit_norm_rows, n_threads);
+  ksae::sgd_update<T>(a.param, a.grad, b, a.rows, a.cols, s, unit_norm_rows, n_threads);
 }
 
 template <class T>
 void rmsprop_impl(const py::object& param, const py::object& grad, const py::object& square_avg,
                   const py::object& buf, const ksae::RmspropSettings& s, bool unit_norm_rows,
                   int n_threads) {
-  const auto shape = param_shape(param, "param");
-  T* p = checked<T>(param, "param", shape, true);
-  const T* g = checked<T>(grad, "grad", shape);
-  T* sq = checked<T>(square_avg, "square_avg", shape, true);
-  T* b = buf.is_none() ? nullptr : checked<T>(buf, "momentum_buffer", shape, true);
-  if (b == nullptr && s.momentum != 0.0) {
-    throw py::value_error("momentum_buffer: required when momentum != 0");
-  }
-  const auto [rows, cols] = rows_cols(shape);
+  const OptimizerArrays<T> a(param, grad);
+  T* sq = a.state(square_avg, "square_avg");
+  T* b = a.momentum_buffer(buf, s.momentum);
   py::gil_scoped_release release;
-  ksae::rmsprop_update<T>(p, g, sq, b, rows, cols, s, unit_norm_rows, n_threads);
+  ksae::rmsprop_update<T>(a.param, a.grad, sq, b, a.rows, a.cols, s, unit_norm_rows, n_threads);
 }
 
 void check_rmsprop(const ksae::RmspropSettings& s) {

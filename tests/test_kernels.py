@@ -46,6 +46,16 @@ def reference_pre(X, p):
     return ref.pre_activations(X64, W.T, be, bd)
 
 
+def assert_topk_up_to_rounding(indices, scores, pre):
+    """Every chosen score is at least every unchosen one, up to float32 rounding of the
+    product that made pre."""
+    slack = 1e-4 * max(1.0, float(np.abs(pre).max()))
+    chosen = np.take_along_axis(scores, indices, axis=1)
+    unselected = scores.copy()
+    np.put_along_axis(unselected, indices, -np.inf, axis=1)
+    assert np.all(chosen.min(axis=1) >= unselected.max(axis=1) - slack)
+
+
 def sorted_gaps(pre, k):
     """Per row, the gap between the k-th and (k+1)-th largest entries (inf when k = n)."""
     s = -np.sort(-pre, axis=1)
@@ -86,11 +96,7 @@ def test_encode_matches_reference(rng, shape, activation, n_threads, dtype):
         assert rel_err(values, act(chosen_pre)) < tol(dtype)
         # Every index distinct, and the choice a top-k up to float32 rounding of the product.
         assert all(len(set(row)) == k for row in indices.tolist())
-        slack = 1e-4 * max(1.0, float(np.abs(pre).max()))
-        chosen_scores = np.take_along_axis(scores, indices, axis=1)
-        unselected = scores.copy()
-        np.put_along_axis(unselected, indices, -np.inf, axis=1)
-        assert np.all(chosen_scores.min(axis=1) >= unselected.max(axis=1) - slack)
+        assert_topk_up_to_rounding(indices, scores, pre)
         # Rows where no rounding can swap the k-th and (k+1)-th: the exact reference set, and
         # the exact reference order where consecutive selected entries are well apart too.
         ref_indices = ref.topk_indices(scores, k)

@@ -31,7 +31,7 @@ from ksae import _core
 from ksae import reference as ref
 
 from conftest import ACTIVATIONS, DTYPES, THREADS, as64, rel_err, tol
-from test_kernels import SAFE_GAP, encode_inputs, reference_pre
+from test_kernels import SAFE_GAP, assert_topk_up_to_rounding, encode_inputs, reference_pre
 
 PROPERTY = dict(derandomize=True, database=None, deadline=None)
 SEEDS = st.integers(0, 2**32 - 1)
@@ -177,11 +177,7 @@ def test_encode_matches_reference(data, batch, d_in, n_latents, dtype, n_threads
     else:
         # A top-k up to float32 rounding of the product; the exact reference set on rows
         # whose k-th and (k+1)-th scores are well apart.
-        slack = 1e-4 * max(1.0, float(np.abs(pre).max()))
-        chosen_scores = np.take_along_axis(scores, indices, axis=1)
-        unselected = scores.copy()
-        np.put_along_axis(unselected, indices, -np.inf, axis=1)
-        assert np.all(chosen_scores.min(axis=1) >= unselected.max(axis=1) - slack)
+        assert_topk_up_to_rounding(indices, scores, pre)
         ref_indices = ref.topk_indices(scores, k)
         clear = top_gaps(scores, k)[:, -1] > SAFE_GAP if k < n_latents else np.ones(batch, bool)
         for r in np.flatnonzero(clear):

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import DataConfig, ModelConfig, TrainConfig, check_known_keys, field_names
+from .training import evaluate
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
@@ -151,22 +152,15 @@ def run(config: dict[str, Any], out: Path, seed: int, quiet: bool = False) -> di
     started = time.perf_counter()
     sae.fit(X_train, validation_data=X_test, callback=progress, **asdict(train_cfg))
     seconds = time.perf_counter() - started
-    values, indices = sae.encode(X_test)
-    fired = np.zeros(model_cfg.n_latents, dtype=bool)
-    fired[indices[values != 0]] = True
-    X_hat = sae.decode(values, indices)
-    metrics: dict[str, Any] = {
-        "test_mse": float(np.mean((X_hat - X_test) ** 2)),
-        "test_fve": ksae.fraction_of_variance_explained(X_test, X_hat),
-        "test_l0": float((values != 0).sum(axis=1).mean()),
-        "test_dead_fraction": float(1.0 - fired.mean()),
+    metrics: dict[str, Any] = {f"test_{name}": value for name, value in evaluate(sae, X_test).items()}
+    metrics.update({
         "train_loss": sae.history_["loss"][-1],
         "train_seconds": seconds,
         "train_samples_per_second": X_train.shape[0] * train_cfg.epochs / seconds,
         "steps": sae.n_iter_,
         "n_train": int(X_train.shape[0]),
         "n_test": int(X_test.shape[0]),
-    }
+    })
     if "directions" in extra:
         metrics["dictionary_recovery"] = ksae.dictionary_recovery(extra["directions"], sae.W_dec_)
     metrics["history"] = sae.history_

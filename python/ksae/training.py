@@ -89,16 +89,25 @@ def split_validation(X: np.ndarray, fraction: float, rng: np.random.Generator) -
     return X[np.sort(order[n_val:])], X[np.sort(order[:n_val])]
 
 
-def validation_record(model: "SparseAutoencoder", X_val: np.ndarray) -> dict[str, Any]:
-    values, indices = model.encode(X_val)
+def evaluate(model: "SparseAutoencoder", X: np.ndarray) -> dict[str, float]:
+    """A model's figures on data X: ``mse`` of the reconstruction, ``fve`` (fraction of
+    variance explained), ``l0`` (active latents per sample) and ``dead_fraction`` (latents
+    that fire on no sample of X)."""
+    values, indices = model.encode(X)
     X_hat = model.decode(values, indices)
     fired = np.zeros(model.config.n_latents, dtype=bool)
     active = values != 0
     fired[indices[active]] = True
-    return {"val_loss": float(np.mean((X_hat - X_val) ** 2)),
-            "val_fve": fraction_of_variance_explained(X_val, X_hat),
-            "val_l0": float(active.sum(axis=1).mean()),
-            "val_dead_fraction": float(1.0 - fired.mean())}
+    return {"mse": float(np.mean((X_hat - X) ** 2)),
+            "fve": fraction_of_variance_explained(X, X_hat),
+            "l0": float(active.sum(axis=1).mean()),
+            "dead_fraction": float(1.0 - fired.mean())}
+
+
+def validation_record(model: "SparseAutoencoder", X_val: np.ndarray) -> dict[str, Any]:
+    figures = evaluate(model, X_val)
+    return {"val_loss": figures["mse"], "val_fve": figures["fve"], "val_l0": figures["l0"],
+            "val_dead_fraction": figures["dead_fraction"]}
 
 
 class EarlyStopping:
