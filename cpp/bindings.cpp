@@ -104,6 +104,13 @@ T* optional_buffer(const py::object& obj, const char* name, Index batch, Index k
   return obj.is_none() ? nullptr : checked<T>(obj, name, {batch, k}, writable);
 }
 
+void check_k(Index k, Index n_latents) {
+  if (k < 1 || k > n_latents) {
+    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n_latents) +
+                          ", got " + std::to_string(k));
+  }
+}
+
 void check_indices(const LatentIndex* idx, Index count, Index k, Index n_latents) {
   for (Index p = 0; p < count; ++p) {
     if (idx[p] < 0 || idx[p] >= n_latents) {
@@ -128,10 +135,7 @@ py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::
   check_2d(X, "X");
   const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
   const auto act = parse_activation(activation);
-  if (k < 1 || k > n) {
-    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n) + ", got " +
-                          std::to_string(k));
-  }
+  check_k(k, n);
   const T* x = checked<T>(X, "X", {kAny, d});
   const T* w = checked<T>(W_enc_t, "W_enc_t", {n, d});
   const T* be = checked<T>(b_enc, "b_enc", {n});
@@ -222,10 +226,7 @@ py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
   check_2d(pre, "pre");
   const Index batch = dim(pre, 0), n = dim(pre, 1);
   const auto act = parse_activation(activation);
-  if (k < 1 || k > n) {
-    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n) + ", got " +
-                          std::to_string(k));
-  }
+  check_k(k, n);
   const T* p = checked<T>(pre, "pre", {batch, n});
   const T* b = checked<T>(bias, "bias", {n});
   T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
