@@ -193,30 +193,45 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const std::string& activation, bool project_decoder_grad, int n_threads,
                    const py::object& grad_W_enc_t, const py::object& grad_b_enc,
                    const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate,
-                   const py::object& selected_pre) {
+                   const py::object& selected_pre, const py::object& grad_values,
+                   const py::object& grad_values_out) {
+  check_2d(W_enc_t, "W_enc_t");
   check_2d(W_dec, "W_dec");
   check_2d(values, "values");
-  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
+  const Index n = dim(W_enc_t, 0), d_in = dim(W_enc_t, 1), d_out = dim(W_dec, 1);
+  const Index batch = dim(values, 0), k = dim(values, 1);
   const auto act = parse_activation(activation);
-  const T* g = checked<T>(grad_out, "grad_out", {batch, d});
-  const T* c = checked<T>(centered, "centered", {batch, d});
+  const T* g = checked<T>(grad_out, "grad_out", {batch, d_out});
+  const T* c = checked<T>(centered, "centered", {batch, d_in});
   const T* v = checked<T>(values, "values", {batch, k});
   const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
-  const T* we = checked<T>(W_enc_t, "W_enc_t", {n, d});
-  const T* wd = checked<T>(W_dec, "W_dec", {n, d});
-  T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {n, d}, true);
+  const T* we = checked<T>(W_enc_t, "W_enc_t", {n, d_in});
+  const T* wd = checked<T>(W_dec, "W_dec", {n, d_out});
+  T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {n, d_in}, true);
   T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {n}, true);
-  T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {n, d}, true);
-  T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {d}, true);
+  T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {n, d_out}, true);
+  T* gbd = nullptr;
+  if (!grad_b_dec.is_none()) {
+    if (d_out != d_in) {
+      throw py::value_error("grad_b_dec: b_dec is both the input centering and the output bias, "
+                            "which needs W_dec's width (" + std::to_string(d_out) + ") to equal "
+                            "W_enc_t's (" + std::to_string(d_in) + "); pass None to leave the "
+                            "centering untrained");
+    }
+    gbd = checked<T>(grad_b_dec, "grad_b_dec", {d_in}, true);
+  }
   const T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, false);
   if (sp == nullptr && ksae::derivative_needs_pre(act)) {
     throw py::value_error("selected_pre: the " + activation + " derivative needs the kept "
                           "pre-activations (pass the array encode filled)");
   }
+  const T* gv = optional_buffer<T>(grad_values, "grad_values", batch, k, false);
+  T* gvo = optional_buffer<T>(grad_values_out, "grad_values_out", batch, k, true);
   check_indices(ix, batch * k, k, n);
   py::gil_scoped_release release;
-  ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d, act, project_decoder_grad,
-                         n_threads, gwe, gbe, gwd, gbd, accumulate, sp);
+  ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d_in, d_out, act,
+                         project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate, sp, gv,
+                         gvo);
 }
 
 template <class T>
@@ -427,15 +442,16 @@ PYBIND11_MODULE(_core, m) {
          const py::object& indices, const py::object& W_enc_t, const py::object& W_dec,
          const std::string& activation, bool project_decoder_grad, int n_threads,
          const py::object& gwe, const py::object& gbe, const py::object& gwd,
-         const py::object& gbd, bool accumulate, const py::object& selected_pre) {
+         const py::object& gbd, bool accumulate, const py::object& selected_pre,
+         const py::object& grad_values, const py::object& grad_values_out) {
         if (is_float32(values)) {
           backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                               selected_pre);
+                               selected_pre, grad_values, grad_values_out);
         } else {
           backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                 project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                                selected_pre);
+                                selected_pre, grad_values, grad_values_out);
         }
       },
       py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
@@ -443,8 +459,13 @@ PYBIND11_MODULE(_core, m) {
       py::arg("project_decoder_grad"), py::arg("n_threads"), py::arg("grad_W_enc_t"),
       py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
       py::arg("accumulate") = false, py::arg("selected_pre") = py::none(),
+      py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
       "TopK backward: writes (or, with accumulate, adds) the gradients of W_enc (transposed),\n"
-      "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.");
+      "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.\n"
+      "grad_values (batch x k) adds a penalty's gradient with respect to the code values;\n"
+      "grad_values_out (batch x k) receives the whole gradient with respect to them. W_dec may\n"
+      "be (n_latents x d_out) with d_out != d_in (a classifier head) when grad_b_dec is None\n"
+      "(the input centering is then not trained).");
 
   m.def(
       "select_topk",

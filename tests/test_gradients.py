@@ -83,18 +83,23 @@ def analytic_gradients(p, X, activation, project=False):
     return grads, indices
 
 
-def numeric_gradient(p, X, activation, name, indices):
+def central_differences(loss, p, name):
+    """The central-difference gradient of ``loss(p)`` with respect to ``p[name]``."""
     grad = np.zeros_like(p[name])
     flat = p[name].reshape(-1)
     for i in range(flat.size):
         saved = flat[i]
         flat[i] = saved + EPS
-        up = loss_of(p, X, activation, indices)
+        up = loss(p)
         flat[i] = saved - EPS
-        down = loss_of(p, X, activation, indices)
+        down = loss(p)
         flat[i] = saved
         grad.reshape(-1)[i] = (up - down) / (2 * EPS)
     return grad
+
+
+def numeric_gradient(p, X, activation, name, indices):
+    return central_differences(lambda q: loss_of(q, X, activation, indices), p, name)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -155,3 +160,71 @@ def test_model_sgd_step_follows_finite_difference_gradient(activation):
         numeric = numeric_gradient(p, X, activation, name, indices)
         step = (p[name] - after[name]) / lr
         assert rel_err(step, numeric) < 1e-6, name
+
+
+# ------------------------------------------------------------ a penalty on the code, a head
+HEAD_WIDTH = 4
+
+
+def code_penalty(values, coef):
+    """A smooth penalty on the code, sum(coef * v + v**2 / 2), and its gradient coef + v."""
+    return float(np.sum(coef * values + 0.5 * values * values)), coef + values
+
+
+def head_problem(activation):
+    """tie_free_problem with a random penalty coefficient per code entry, a head (K x
+    HEAD_WIDTH weights and bias) and head targets."""
+    p, X = tie_free_problem(activation)
+    rng = np.random.default_rng(7)
+    extra = {"coef": rng.standard_normal((BATCH, K)),
+             "W_head": rng.standard_normal((N_LATENTS, HEAD_WIDTH)),
+             "b_head": rng.standard_normal(HEAD_WIDTH),
+             "target": rng.standard_normal((BATCH, HEAD_WIDTH))}
+    return p, X, extra
+
+
+def penalised_loss(p, X, activation, extra, head, expected_indices=None):
+    """mse(decoder output, X) + code_penalty, or with ``head`` mse(head output, target) +
+    code_penalty; the selection must stay that of the unperturbed problem."""
+    _, values, indices, X_hat, _ = forward(p, X, activation)
+    if expected_indices is not None:
+        np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected_indices, axis=1))
+    if head:
+        out = _core.decode(values, indices, p["W_head"], p["b_head"], 1)
+        loss = mse_loss(out, extra["target"])[0]
+    else:
+        loss = mse_loss(X_hat, X)[0]
+    return loss + code_penalty(values, extra["coef"])[0]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("head", [False, True], ids=["decoder", "head"])
+def test_backward_with_code_gradient_matches_finite_differences(activation, head):
+    # grad_values carries a penalty on the code into the encoder's gradients; with a head of
+    # another width in place of the decoder (grad_b_dec None: b_dec a fixed centering), the
+    # head's gradients come from the same kernel and its bias's is grad_out.sum(axis=0).
+    p, X, extra = head_problem(activation)
+    p = {**p, "W_head": extra["W_head"], "b_head": extra["b_head"]}
+    centered, values, indices, X_hat, selected_pre = forward(p, X, activation)
+    out_weights = p["W_head"] if head else p["W_dec"]
+    out = _core.decode(values, indices, out_weights, p["b_head"], 1) if head else X_hat
+    _, grad_out = mse_loss(out, extra["target"] if head else X)
+    _, grad_values = code_penalty(values, extra["coef"])
+    grads = {name: np.empty_like(p[name]) for name in ("W_enc_t", "b_enc")}
+    grads["out"] = np.empty_like(out_weights)
+    grads["b_dec"] = None if head else np.empty_like(p["b_dec"])
+    _core.backward(grad_out, centered, values, indices, p["W_enc_t"], out_weights, activation,
+                   False, 1, grads["W_enc_t"], grads["b_enc"], grads["out"], grads["b_dec"],
+                   False, selected_pre, grad_values)
+    names = {"W_enc_t": "W_enc_t", "b_enc": "b_enc", "out": "W_head" if head else "W_dec"}
+    names.update({"b_head": "b_head"} if head else {"b_dec": "b_dec"})
+    if head:
+        grads["b_head"] = grad_out.sum(axis=0)
+
+    def loss(params):
+        return penalised_loss(params, X, activation, extra, head, indices)
+
+    for key, name in names.items():
+        numeric = central_differences(loss, p, name)
+        assert np.linalg.norm(numeric) > 1e-6, name
+        assert rel_err(grads[key], numeric) < 1e-6, name

@@ -370,6 +370,103 @@ def test_backward_out_of_range_indices_raise(rng):
         core_backward(p, grad_out, centered, values, indices, "relu", False, 1)
 
 
+def code_gradient_inputs(rng, batch, d_in, n, k, dtype, activation, d_out=None):
+    """backward_inputs plus a random penalty gradient on the code and, with d_out, a head of
+    width d_out in place of the decoder (grad_out and W_dec d_out wide)."""
+    X, p, centered, values, indices, grad_out = backward_inputs(rng, batch, d_in, n, k, dtype,
+                                                                activation)
+    if d_out is not None:
+        p["W_dec"] = np.ascontiguousarray(rng.standard_normal((n, d_out)), dtype=dtype)
+        grad_out = np.ascontiguousarray(rng.standard_normal((batch, d_out)), dtype=dtype)
+    grad_values = np.ascontiguousarray(rng.standard_normal((batch, k)), dtype=dtype)
+    return X, p, centered, values, indices, grad_out, grad_values
+
+
+def core_backward_with_code_gradient(p, grad_out, centered, values, indices, grad_values,
+                                     activation, n_threads, train_centering=True):
+    grads = {name: np.full_like(p[name], np.nan) for name in ("W_enc_t", "b_enc", "W_dec", "b_dec")}
+    grads["values"] = np.full_like(values, np.nan)
+    if not train_centering:
+        grads["b_dec"] = None
+    _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], activation,
+                   False, n_threads, grads["W_enc_t"], grads["b_enc"], grads["W_dec"],
+                   grads["b_dec"], False, p["selected_pre"], grad_values, grads["values"])
+    return grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "swish", "softmax"])
+@pytest.mark.parametrize("head", [False, True], ids=["decoder", "head"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_code_gradient_and_head_match_reference(rng, shape, activation, head,
+                                                         n_threads, dtype):
+    # grad_values adds a penalty's gradient to every kept entry's dL/dvalues before the
+    # activation derivative; grad_values_out receives the sum. A head (d_out = 3 != d_in)
+    # replaces the decoder, with grad_b_dec None: the centering is not trained.
+    batch, d_in, n, k = shape
+    d_out = 3 if head else None
+    X, p, centered, values, indices, grad_out, grad_values = code_gradient_inputs(
+        rng, batch, d_in, n, k, dtype, activation, d_out)
+    got = core_backward_with_code_gradient(p, grad_out, centered, values, indices, grad_values,
+                                           activation, n_threads, train_centering=not head)
+    expected = ref.backward(*as64(grad_out, X, values), indices,
+                            *as64(p["W_enc_t"].T, p["b_dec"], p["W_dec"]), activation, False,
+                            as64(p["selected_pre"]), as64(grad_values), train_centering=not head)
+    expected["W_enc_t"] = expected.pop("W_enc").T
+    assert set(expected) == {name for name, g in got.items() if g is not None}
+    for name, want in expected.items():
+        assert got[name].dtype == dtype
+        assert rel_err(got[name], want) < tol(dtype), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_code_gradient_reaches_the_encoder_only(rng, dtype):
+    # With grad_out = 0 the gradient is the penalty's alone: the decoder's is zero, and the
+    # encoder's is the reference with dvalues = grad_values.
+    X, p, centered, values, indices, grad_out, grad_values = code_gradient_inputs(
+        rng, 9, 37, 50, 8, dtype, "relu")
+    got = core_backward_with_code_gradient(p, np.zeros_like(grad_out), centered, values, indices,
+                                           grad_values, "relu", 2)
+    assert np.all(got["W_dec"] == 0)
+    np.testing.assert_array_equal(got["values"], grad_values)
+    assert np.linalg.norm(got["W_enc_t"]) > 0
+    dpre = ref.densify(as64(grad_values) * (as64(values) > 0), indices, 50)  # relu' on the kept
+    assert rel_err(got["b_enc"], dpre.sum(axis=0)) < tol(dtype)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["decoder", "head"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_code_gradient_bitwise_identical_for_one_and_two_threads(rng, head, dtype):
+    inputs = code_gradient_inputs(rng, 65, 37, 300, 17, dtype, "relu", 5 if head else None)
+    X, p, centered, values, indices, grad_out, grad_values = inputs
+    one, two = (core_backward_with_code_gradient(p, grad_out, centered, values, indices,
+                                                 grad_values, "relu", nt, not head)
+                for nt in THREADS)
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+
+def test_backward_code_gradient_and_head_binding_errors(rng):
+    X, p, centered, values, indices, grad_out, grad_values = code_gradient_inputs(
+        rng, 4, 5, 7, 2, np.float64, "relu", d_out=3)
+    grads = [np.zeros_like(p[name]) for name in ("W_enc_t", "b_enc", "W_dec")]
+    args = (grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], "relu", False, 1, *grads)
+    _core.backward(*args, None, False, None, grad_values, np.zeros((4, 2)))  # works
+    with pytest.raises(ValueError, match=r"^grad_b_dec: .*width \(3\).*\(5\); pass None"):
+        _core.backward(*args, np.zeros(5))
+    with pytest.raises(ValueError, match=r"^grad_values: .*\(4, 2\).*\(4, 3\)"):
+        _core.backward(*args, None, False, None, np.zeros((4, 3)))
+    with pytest.raises(TypeError, match=r"^grad_values: .*float64.*float32"):
+        _core.backward(*args, None, False, None, grad_values.astype(np.float32))
+    read_only = np.zeros((4, 2))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="^grad_values_out: .*read-only"):
+        _core.backward(*args, None, False, None, None, read_only)
+    with pytest.raises(ValueError, match=r"^grad_out: .*\(4, 3\).*\(4, 5\)"):
+        _core.backward(np.zeros((4, 5)), *args[1:], None)
+
+
 # --------------------------------------------------------------------------------- optimizers
 PARAM_SHAPES = [(37,), (13, 29), (1, 16), (50, 37)]
 

@@ -21,8 +21,10 @@ def backward(
     indices: NDArray[np.int64], W_enc_t: NDArray[np.floating], W_dec: NDArray[np.floating],
     activation: str, project_decoder_grad: bool, n_threads: int,
     grad_W_enc_t: NDArray[np.floating], grad_b_enc: NDArray[np.floating],
-    grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating], accumulate: bool = False,
-    selected_pre: NDArray[np.floating] | None = None,
+    grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating] | None,
+    accumulate: bool = False, selected_pre: NDArray[np.floating] | None = None,
+    grad_values: NDArray[np.floating] | None = None,
+    grad_values_out: NDArray[np.floating] | None = None,
 ) -> None: ...
 def select_topk(
     pre: NDArray[np.floating], bias: NDArray[np.floating], k: int, activation: str = "relu",

@@ -131,18 +131,29 @@ def mse_loss(X_hat: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def backward(grad_out, X, values, indices, W_enc, b_dec, W_dec, activation: str = "relu",
-             project_decoder_grad: bool = False, selected_pre=None) -> dict[str, np.ndarray]:
+             project_decoder_grad: bool = False, selected_pre=None, grad_values=None,
+             train_centering: bool = True) -> dict[str, np.ndarray]:
     """Gradients of a loss with respect to W_enc, b_enc, W_dec and b_dec, given
     ``grad_out = dL/dX_hat`` and the code (values, indices) of the forward pass.
 
     The selection is the gradient's route: it is fixed by the forward pass and entries off
     it get no gradient. With ``project_decoder_grad``, each decoder row's gradient loses its
     component along the row. ``selected_pre`` (the kept pre-activations) is needed for swish
-    and gelu, whose derivatives are not functions of the output alone.
+    and gelu, whose derivatives are not functions of the output alone. ``grad_values``
+    (batch, k) is a penalty's gradient with respect to the code values, added to the one
+    through the decoder; the result's ``values`` is the whole gradient with respect to them.
+    With ``train_centering=False`` b_dec is a fixed input centering without a gradient (the
+    result has no ``b_dec``), and ``W_dec`` may be (n_latents, d_out) with d_out != d_in (a
+    classifier head; its output bias's gradient is ``grad_out.sum(axis=0)``).
     """
+    if train_centering and W_dec.shape[1] != X.shape[1]:
+        raise ValueError("train_centering: b_dec is the input centering and the output bias, "
+                         f"which needs W_dec's width ({W_dec.shape[1]}) to equal X's ({X.shape[1]})")
     n = W_dec.shape[0]
     Z = densify(values, indices, n)
     dz = np.take_along_axis(grad_out @ W_dec.T, indices, axis=1)
+    if grad_values is not None:
+        dz = dz + grad_values
     if activation == "softmax":
         dp = values * (dz - np.sum(values * dz, axis=1, keepdims=True))
     else:
@@ -158,12 +169,10 @@ def backward(grad_out, X, values, indices, W_enc, b_dec, W_dec, activation: str 
                          out=np.zeros_like(norms2), where=norms2 > 0)
         grad_W_dec = grad_W_dec - coef[:, None] * W_dec
     grad_b_enc = dpre.sum(axis=0)
-    return {
-        "W_enc": (X - b_dec).T @ dpre,
-        "b_enc": grad_b_enc,
-        "W_dec": grad_W_dec,
-        "b_dec": grad_out.sum(axis=0) - W_enc @ grad_b_enc,
-    }
+    grads = {"W_enc": (X - b_dec).T @ dpre, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "values": dz}
+    if train_centering:
+        grads["b_dec"] = grad_out.sum(axis=0) - W_enc @ grad_b_enc
+    return grads
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
