@@ -228,3 +228,48 @@ def test_backward_with_code_gradient_matches_finite_differences(activation, head
         numeric = central_differences(loss, p, name)
         assert np.linalg.norm(numeric) > 1e-6, name
         assert rel_err(grads[key], numeric) < 1e-6, name
+
+
+# ------------------------------------------------------------ the dense sparsities: l1, kl
+DENSE = {"l1": ("relu", {"l1_coef": 0.05}), "kl": ("sigmoid", {"kl_coef": 0.05, "kl_target": 0.1})}
+
+
+def dense_loss(p, X, sparsity, options):
+    """mse + the sparsity's penalty on the dense code, computed from the reference."""
+    activation = DENSE[sparsity][0]
+    pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
+    Z = ref.ACTIVATIONS[activation][0](pre)
+    loss = ref.mse_loss(Z @ p["W_dec"] + p["b_dec"], X)[0]
+    if sparsity == "l1":
+        return loss + ref.l1_penalty(Z, options["l1_coef"])[0]
+    return loss + ref.kl_penalty(Z, options["kl_target"], options["kl_coef"])[0]
+
+
+@pytest.mark.parametrize("sparsity", sorted(DENSE))
+def test_dense_sparsity_sgd_step_follows_finite_difference_gradient(sparsity):
+    # One SGD step of a model with an L1 (relu) or KL (sigmoid) penalty moves every parameter
+    # by lr times the central-difference gradient of reconstruction loss + penalty.
+    activation, options = DENSE[sparsity]
+    for seed in range(200):
+        X = np.random.default_rng(seed).standard_normal((BATCH, D_IN))
+        sae = ksae.SparseAutoencoder(n_latents=N_LATENTS, sparsity=sparsity, activation=activation,
+                                     init="he", normalize_decoder=False, dtype="float64",
+                                     n_threads=1, random_state=seed)
+        sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=1e-300, **options)
+        p = model_weights(sae)
+        pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
+        if np.min(np.abs(pre)) > MIN_GAP:  # away from relu's kink
+            break
+    lr = 1e-3
+    sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=lr, **options)
+    after = model_weights(sae)
+    assert sae.history_ == {}  # partial_fit records no epochs
+    for name in PARAMS:
+        numeric = central_differences(lambda q: dense_loss(q, X, sparsity, options), p, name)
+        step = (p[name] - after[name]) / lr
+        assert np.linalg.norm(numeric) > 1e-6, name
+        assert rel_err(step, numeric) < 1e-6, name
+    # The penalty is part of the gradient: without it the step differs.
+    no_penalty = {**options, "l1_coef": 0.0, "kl_coef": 0.0}
+    penalty_free = central_differences(lambda q: dense_loss(q, X, sparsity, no_penalty), p, "b_enc")
+    assert rel_err(penalty_free, (p["b_enc"] - after["b_enc"]) / lr) > 1e-3

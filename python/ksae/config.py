@@ -18,7 +18,15 @@ DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 OUTPUT_ACTIVATIONS = ("linear", "sigmoid")
 LOSSES = ("mse", "bce")
-SPARSITIES = ("topk", "batchtopk")
+SPARSITIES = ("topk", "batchtopk", "l1", "kl")
+DENSE_SPARSITIES = ("l1", "kl")
+"""Sparsities without a fixed k: every latent is in the code (the classic sparse autoencoders)."""
+SPARSITY_ACTIVATION = {
+    "batchtopk": ("relu", "a latent the batch-wide choice zeroes must carry no gradient"),
+    "l1": ("relu", "the L1 penalty makes latents exactly zero through relu"),
+    "kl": ("sigmoid", "the KL divergence compares mean activations in (0, 1)"),
+}
+"""The activation a sparsity needs, and why."""
 SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
@@ -79,11 +87,15 @@ class ModelConfig:
     """The architecture of a k-sparse autoencoder (the estimator's constructor arguments)."""
 
     n_latents: int = field(default=1024, metadata=_help("number of dictionary latents"))
-    k: int = field(default=32, metadata=_help("active latents kept per sample (top-k)"))
+    k: int = field(default=32, metadata=_help(
+        "active latents kept per sample (top-k; unused by l1 and kl)"))
     sparsity: str = field(default="topk", metadata=_help(
         "topk: exactly k latents per sample; batchtopk: the k * batch largest over the whole "
         "batch (at most max_k per sample), and at inference every latent above a threshold "
-        "learned in training, so a sample's code does not depend on its batch",
+        "learned in training, so a sample's code does not depend on its batch; l1: relu codes "
+        "with an L1 penalty (l1_coef); kl: sigmoid codes with a KL-divergence penalty toward "
+        "the mean activation kl_target (kl_coef). l1 and kl codes are dense (every latent, "
+        "n_latents wide): the classic baselines, at batch * n_latents * d_in cost per product",
         choices=SPARSITIES))
     max_k: int | None = field(default=None, metadata=_help(
         "batchtopk: most latents one sample may keep (default: 4 * k)"))
@@ -112,14 +124,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.n_latents = check_int("n_latents", self.n_latents, 1)
         self.k = check_int("k", self.k, 1)
-        if self.k > self.n_latents:
+        check_choice("sparsity", self.sparsity, SPARSITIES)
+        if self.k > self.n_latents and self.sparsity not in DENSE_SPARSITIES:
             raise ValueError(f"k: expected 1 <= k <= n_latents = {self.n_latents}, got {self.k}")
         check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("sparsity", self.sparsity, SPARSITIES)
-        if self.sparsity == "batchtopk" and self.activation != "relu":
-            raise ValueError(f"activation: batchtopk needs 'relu' (a zeroed latent must carry no "
-                             f"gradient), got {self.activation!r}")
-        if self.max_k is not None:
+        needed, why = SPARSITY_ACTIVATION.get(self.sparsity, (self.activation, ""))
+        if self.activation != needed:
+            raise ValueError(f"activation: {self.sparsity} needs {needed!r} ({why}), "
+                             f"got {self.activation!r}")
+        if self.max_k is not None and self.sparsity not in DENSE_SPARSITIES:
             self.max_k = check_int("max_k", self.max_k, self.k, self.n_latents)
         check_choice("init", self.init, INITS)
         check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
@@ -190,6 +203,15 @@ class TrainConfig:
         "k curriculum: start training with this many active latents (>= k) ..."))
     k_anneal_fraction: float = field(default=0.5, metadata=_help(
         "... and anneal linearly to k over this fraction of the training steps"))
+    l1_coef: float = field(default=1e-3, metadata=_help(
+        "sparsity='l1': weight of the L1 penalty on the code, l1_coef times the per-sample "
+        "sum of the activations averaged over the batch (l1_weight penalises the weights)"))
+    kl_target: float = field(default=0.05, metadata=_help(
+        "sparsity='kl': target mean activation rho of every latent"))
+    kl_coef: float = field(default=1e-3, metadata=_help(
+        "sparsity='kl': weight beta of the penalty beta times the sum over latents of the KL "
+        "divergence between Bernoullis of means kl_target and the latent's batch mean "
+        "activation"))
 
     def __post_init__(self) -> None:
         self.epochs = check_int("epochs", self.epochs, 1)
@@ -240,6 +262,11 @@ class TrainConfig:
         self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)
         if self.k_anneal_fraction > 1:
             raise ValueError(f"k_anneal_fraction: expected 0 < k_anneal_fraction <= 1, got {self.k_anneal_fraction}")
+        self.l1_coef = check_positive_float("l1_coef", self.l1_coef, allow_zero=True)
+        self.kl_target = check_positive_float("kl_target", self.kl_target)
+        if self.kl_target >= 1:
+            raise ValueError(f"kl_target: expected 0 < kl_target < 1, got {self.kl_target}")
+        self.kl_coef = check_positive_float("kl_coef", self.kl_coef, allow_zero=True)
 
 
 DATASETS = ("synthetic",)

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from . import _core
-from .config import NEEDS_SELECTED_PRE, ModelConfig, TrainConfig, check_known_keys, field_names
+from .config import (DENSE_SPARSITIES, NEEDS_SELECTED_PRE, ModelConfig, TrainConfig,
+                     check_known_keys, field_names)
 from .buffers import aligned_copy, aligned_empty, as_aligned
 from . import training
 from .hygiene import initial_decoder_bias, normalize_rows
@@ -19,6 +20,7 @@ from .losses import add_weight_penalties, reconstruction_loss, sigmoid
 from .metrics import fraction_of_variance_explained
 from .optim import Optimizer, make_optimizer
 from .optim import clip_grad_norm as clip_gradients
+from .sparsity import active_mask, code_penalty
 from .validation import as_code, as_float_matrix
 
 PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
@@ -37,9 +39,14 @@ class StepResult(NamedTuple):
     """What one training step reports."""
 
     loss: float
+    """The reconstruction loss."""
     values: np.ndarray
     indices: np.ndarray
     auxk_loss: float
+    active: np.ndarray
+    """Which code entries count as active latents (see ``ksae.sparsity.active_mask``)."""
+    sparsity_loss: float
+    """The penalty the sparsity puts on the code (0 for topk and batchtopk)."""
 
 
 class SparseCode(NamedTuple):
@@ -57,7 +64,9 @@ class SparseAutoencoder:
     Each sample is encoded as ``pre = (x - b_dec) @ W_enc + b_enc``; only its ``k`` largest
     pre-activations are kept (passed through ``activation``), the rest are zero; the decoder
     reconstructs ``x_hat = z @ W_dec + b_dec``. Training minimises the mean squared error,
-    gradients flowing through the kept latents only.
+    gradients flowing through the kept latents only. ``sparsity`` picks how latents are kept:
+    topk, batchtopk, or the dense classic ones (l1: relu with an L1 penalty on the code; kl:
+    sigmoid with a KL-divergence penalty toward a target mean activation).
 
     Parameters are those of :class:`ksae.config.ModelConfig`: ``n_latents``, ``k``,
     ``activation`` ("relu", "linear", "sigmoid", "tanh"), ``init`` ("tied", "xavier", "he"),
@@ -336,10 +345,11 @@ class SparseAutoencoder:
             self._keep_batch_top(values, k)
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
-        self._check_finite("loss", loss)
+        sparsity_loss, grad_values = code_penalty(values, indices, cfg, train_cfg)
+        self._check_finite("loss", loss + sparsity_loss)
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                       g["W_dec"], g["b_dec"], False, selected_pre)
+                       g["W_dec"], g["b_dec"], False, selected_pre, grad_values)
         auxk_loss = 0.0
         if train_cfg.auxk_coef > 0:
             auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
@@ -347,18 +357,22 @@ class SparseAutoencoder:
             add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
         if train_cfg.clip_grad_norm is not None:
             self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
+        active = active_mask(values, cfg)
         self.samples_since_fired_ += batch.shape[0]
-        self.samples_since_fired_[indices[values != 0]] = 0
+        self.samples_since_fired_[indices[active]] = 0
         self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
                              else frozenset(), n_threads=nt)
         self.n_iter_ += 1
-        return StepResult(loss, values, indices, auxk_loss)
+        return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
 
     @staticmethod
     def code_width(cfg: ModelConfig, k: int | None = None) -> int:
         """Latents selected per sample before any thresholding: k for topk; for batchtopk the
-        per-sample cap max_k (default 4k), within which the batch-wide choice is made."""
+        per-sample cap max_k (default 4k), within which the batch-wide choice is made; every
+        latent for the dense sparsities (l1, kl)."""
         k = k or cfg.k
+        if cfg.sparsity in DENSE_SPARSITIES:
+            return cfg.n_latents
         if cfg.sparsity == "batchtopk":
             return int(min(cfg.n_latents, cfg.max_k or 4 * k))
         return k
@@ -400,6 +414,9 @@ class SparseAutoencoder:
         e = X - X_hat. Adds the gradients of ``auxk_coef * |e_hat - e|^2 / |e - mean(e)|^2`` to
         the main ones; e is a constant (no gradient flows back into the main reconstruction).
         Returns the AuxK loss (0 when no latent is dead)."""
+        if cfg.sparsity in DENSE_SPARSITIES:
+            raise ValueError(f"auxk_coef: AuxK revives dead latents of a k-sparse model; "
+                             f"sparsity={cfg.sparsity!r} puts every latent in the code")
         if train_cfg.loss != "mse" or cfg.output_activation != "linear":
             raise ValueError("auxk_coef: AuxK reconstructs the residual of a linear-output MSE "
                              f"model; this one has loss={train_cfg.loss!r}, "
@@ -472,7 +489,8 @@ class SparseAutoencoder:
         """The k-sparse code of each row of ``X``: ``SparseCode(values, indices)``, each
         (n_samples, k'), values in decreasing order (the lower index first on ties), where
         k' = round(inference_k_scale * k) (k by default). With batchtopk, k' is the per-sample
-        cap and values below the learned ``threshold_`` are zero."""
+        cap and values below the learned ``threshold_`` are zero. With the dense sparsities
+        (l1, kl) k' = n_latents: every latent, relu's inactive ones at zero."""
         values, indices = self._candidates(X)
         if self.config.sparsity == "batchtopk":
             # Per sample, independent of the batch: every latent above the learned threshold.

@@ -175,6 +175,22 @@ def backward(grad_out, X, values, indices, W_enc, b_dec, W_dec, activation: str 
     return grads
 
 
+def l1_penalty(Z: np.ndarray, coef: float) -> tuple[float, np.ndarray]:
+    """The L1 penalty on dense codes Z (batch, n_latents), ``coef * sum(|Z|) / batch``, and
+    its gradient with respect to Z."""
+    return coef * float(np.abs(Z).sum()) / Z.shape[0], coef * np.sign(Z) / Z.shape[0]
+
+
+def kl_penalty(Z: np.ndarray, target: float, coef: float) -> tuple[float, np.ndarray]:
+    """The KL sparsity penalty on dense codes Z (batch, n_latents) with entries in (0, 1):
+    ``coef * sum_j KL(target || mean_j)``, ``mean_j = Z[:, j].mean()``, and its gradient
+    with respect to Z (every row of latent j gets d/d mean_j divided by batch)."""
+    mean = Z.mean(axis=0)
+    kl = target * np.log(target / mean) + (1 - target) * np.log((1 - target) / (1 - mean))
+    slope = coef * (-target / mean + (1 - target) / (1 - mean))
+    return coef * float(kl.sum()), np.broadcast_to(slope / Z.shape[0], Z.shape).copy()
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                 weight_decay=0.0, step: int, unit_norm_rows: bool = False) -> None:
     """Adam/AdamW in place, PyTorch's formulation (decoupled weight decay)."""

@@ -20,6 +20,7 @@ import numpy as np
 from .config import ModelConfig, TrainConfig
 from .metrics import fraction_of_variance_explained
 from .schedules import make_schedule
+from .sparsity import active_mask
 
 if TYPE_CHECKING:
     from .model import SparseAutoencoder
@@ -47,17 +48,19 @@ class RunningStats:
         self.samples = 0
         self.sse = 0.0
         self.auxk = 0.0
+        self.sparsity_loss = 0.0
         self.active = 0.0
         self.resampled = 0
         self.started = time.perf_counter()
 
     def add(self, result) -> None:
-        active = result.values != 0
+        active = result.active
         rows = result.values.shape[0]
         self.fired[result.indices[active]] = True
         self.samples += rows
         self.sse += result.loss * rows * self.n_features
         self.auxk += result.auxk_loss * rows
+        self.sparsity_loss += result.sparsity_loss * rows
         self.active += float(active.sum())
 
     def record(self, total_variance_per_sample: float) -> dict[str, Any]:
@@ -66,6 +69,7 @@ class RunningStats:
                if total_variance_per_sample > 0 else float("nan"))
         return {"loss": loss, "fve": fve, "l0": self.active / self.samples,
                 "dead_fraction": float(1.0 - self.fired.mean()), "auxk_loss": self.auxk / self.samples,
+                "sparsity_loss": self.sparsity_loss / self.samples,
                 "resampled": self.resampled, "time": time.perf_counter() - self.started}
 
 
@@ -96,7 +100,7 @@ def evaluate(model: "SparseAutoencoder", X: np.ndarray) -> dict[str, float]:
     values, indices = model.encode(X)
     X_hat = model.decode(values, indices)
     fired = np.zeros(model.config.n_latents, dtype=bool)
-    active = values != 0
+    active = active_mask(values, model.config)
     fired[indices[active]] = True
     return {"mse": float(np.mean((X_hat - X) ** 2)),
             "fve": fraction_of_variance_explained(X, X_hat),
