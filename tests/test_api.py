@@ -32,7 +32,8 @@ def fresh(**params):
 def test_get_params_lists_constructor_arguments():
     sae = ksae.SparseAutoencoder(n_latents=100, k=7, activation="tanh", random_state=3)
     assert sae.get_params() == {
-        "n_latents": 100, "k": 7, "sparsity": "topk", "max_k": None, "activation": "tanh",
+        "n_latents": 100, "k": 7, "sparsity": "topk", "max_k": None,
+        "jumprelu_init_threshold": None, "activation": "tanh",
         "init": "tied",
         "normalize_decoder": True, "output_activation": "linear", "inference_k_scale": 1.0,
         "b_dec_init": "zeros", "random_state": 3,

@@ -273,3 +273,54 @@ def test_dense_sparsity_sgd_step_follows_finite_difference_gradient(sparsity):
     no_penalty = {**options, "l1_coef": 0.0, "kl_coef": 0.0}
     penalty_free = central_differences(lambda q: dense_loss(q, X, sparsity, no_penalty), p, "b_enc")
     assert rel_err(penalty_free, (p["b_enc"] - after["b_enc"]) / lr) > 1e-3
+
+
+# ------------------------------------------------------------ jumprelu
+def jumprelu_problem(bandwidth):
+    """A float64 jumprelu model without a binding cap (max_k = n_latents), initialised, with
+    a random threshold per latent, and data whose pre-activations keep clear of the thresholds (a stable mask), with some
+    inside the straight-through kernel's band, some active and some not."""
+    for seed in range(200):
+        X = np.random.default_rng(seed).standard_normal((BATCH, D_IN))
+        sae = ksae.SparseAutoencoder(n_latents=N_LATENTS, k=3, sparsity="jumprelu",
+                                     max_k=N_LATENTS, jumprelu_init_threshold=0.2, init="he",
+                                     normalize_decoder=False, dtype="float64", n_threads=1,
+                                     random_state=seed)
+        sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=1e-300)
+        sae.log_threshold_[:] = np.log(np.random.default_rng(seed).uniform(0.1, 0.4, N_LATENTS))
+        p = model_weights(sae)
+        p["log_threshold"] = sae.log_threshold_.copy()
+        theta = np.exp(p["log_threshold"])
+        gap = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"]) - theta
+        if (np.min(np.abs(gap)) > MIN_GAP and np.mean(gap > 0) > 0.2
+                and np.count_nonzero(np.abs(gap) < bandwidth / 2) >= 5):
+            return sae, p, X
+    raise AssertionError("no stable problem found")  # pragma: no cover
+
+
+def jumprelu_loss(p, X):
+    """mse of the dense JumpReLU model (its L0 penalty is constant under small changes)."""
+    pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
+    Z = ref.jumprelu(pre, np.exp(p["log_threshold"]))
+    return ref.mse_loss(Z @ p["W_dec"] + p["b_dec"], X)[0]
+
+
+def test_jumprelu_sgd_step_follows_finite_differences_and_the_threshold_estimator():
+    # W and b: the finite-difference gradient (the mask is fixed); the thresholds: the
+    # straight-through estimate of the reconstruction and L0 terms, from the reference.
+    bandwidth, l0_coef, lr = 0.2, 0.3, 1e-3
+    sae, p, X = jumprelu_problem(bandwidth)
+    sae.partial_fit(X, optimizer="sgd", momentum=0.0, lr=lr, l0_coef=l0_coef,
+                    jumprelu_bandwidth=bandwidth)
+    after = {**model_weights(sae), "log_threshold": sae.log_threshold_}
+    for name in PARAMS:
+        numeric = central_differences(lambda q: jumprelu_loss(q, X), p, name)
+        assert np.linalg.norm(numeric) > 1e-6, name
+        assert rel_err((p[name] - after[name]) / lr, numeric) < 1e-6, name
+    theta = np.exp(p["log_threshold"])
+    pre = ref.pre_activations(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"])
+    Z = ref.jumprelu(pre, theta)
+    grad_out = ref.mse_loss(Z @ p["W_dec"] + p["b_dec"], X)[1]
+    want = ref.jumprelu_threshold_gradient(pre, theta, grad_out @ p["W_dec"].T, bandwidth, l0_coef)
+    assert np.count_nonzero(want) >= 3
+    assert rel_err((p["log_threshold"] - after["log_threshold"]) / lr, want) < 1e-6

@@ -18,11 +18,12 @@ DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 OUTPUT_ACTIVATIONS = ("linear", "sigmoid")
 LOSSES = ("mse", "bce")
-SPARSITIES = ("topk", "batchtopk", "l1", "kl")
+SPARSITIES = ("topk", "batchtopk", "jumprelu", "l1", "kl")
 DENSE_SPARSITIES = ("l1", "kl")
 """Sparsities without a fixed k: every latent is in the code (the classic sparse autoencoders)."""
 SPARSITY_ACTIVATION = {
     "batchtopk": ("relu", "a latent the batch-wide choice zeroes must carry no gradient"),
+    "jumprelu": ("relu", "a latent at or below its threshold must carry no gradient"),
     "l1": ("relu", "the L1 penalty makes latents exactly zero through relu"),
     "kl": ("sigmoid", "the KL divergence compares mean activations in (0, 1)"),
 }
@@ -88,17 +89,24 @@ class ModelConfig:
 
     n_latents: int = field(default=1024, metadata=_help("number of dictionary latents"))
     k: int = field(default=32, metadata=_help(
-        "active latents kept per sample (top-k; unused by l1 and kl)"))
+        "active latents kept per sample (top-k; batchtopk: on average; jumprelu: at the start, "
+        "and sets the default max_k; unused by l1 and kl)"))
     sparsity: str = field(default="topk", metadata=_help(
         "topk: exactly k latents per sample; batchtopk: the k * batch largest over the whole "
         "batch (at most max_k per sample), and at inference every latent above a threshold "
-        "learned in training, so a sample's code does not depend on its batch; l1: relu codes "
+        "learned in training, so a sample's code does not depend on its batch; jumprelu: every "
+        "latent whose pre-activation exceeds its own learned threshold (at most max_k per "
+        "sample), trained with an L0 penalty (l0_coef); l1: relu codes "
         "with an L1 penalty (l1_coef); kl: sigmoid codes with a KL-divergence penalty toward "
         "the mean activation kl_target (kl_coef). l1 and kl codes are dense (every latent, "
         "n_latents wide): the classic baselines, at batch * n_latents * d_in cost per product",
         choices=SPARSITIES))
     max_k: int | None = field(default=None, metadata=_help(
-        "batchtopk: most latents one sample may keep (default: 4 * k)"))
+        "batchtopk and jumprelu: most latents one sample may keep (default: 4 * k)"))
+    jumprelu_init_threshold: float | None = field(default=None, metadata=_help(
+        "jumprelu: every latent's initial threshold (default: calibrated on the first training "
+        "data so that k latents per sample exceed it on average; a threshold so low that max_k "
+        "binds leaves no latent near it, and the thresholds cannot learn)"))
     activation: str = field(default="relu", metadata=_help(
         "encoder activation: relu, linear, sigmoid, tanh, leaky_relu (slope 0.01), elu, swish, "
         "gelu (these two are not monotone: the top-k ranks act(pre)), or softmax over the k "
@@ -132,12 +140,16 @@ class ModelConfig:
         if self.activation != needed:
             raise ValueError(f"activation: {self.sparsity} needs {needed!r} ({why}), "
                              f"got {self.activation!r}")
-        if self.max_k is not None and self.sparsity not in DENSE_SPARSITIES:
-            self.max_k = check_int("max_k", self.max_k, self.k, self.n_latents)
+        if self.max_k is not None:
+            least = self.k if self.sparsity == "batchtopk" else 1
+            self.max_k = check_int("max_k", self.max_k, least, self.n_latents)
         check_choice("init", self.init, INITS)
         check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
         check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
         self.inference_k_scale = check_positive_float("inference_k_scale", self.inference_k_scale)
+        if self.jumprelu_init_threshold is not None:
+            self.jumprelu_init_threshold = check_positive_float("jumprelu_init_threshold",
+                                                                self.jumprelu_init_threshold)
         if not isinstance(self.normalize_decoder, bool):
             raise TypeError(f"normalize_decoder: expected a bool, got {self.normalize_decoder!r}")
         if self.random_state is not None:
@@ -203,6 +215,12 @@ class TrainConfig:
         "k curriculum: start training with this many active latents (>= k) ..."))
     k_anneal_fraction: float = field(default=0.5, metadata=_help(
         "... and anneal linearly to k over this fraction of the training steps"))
+    l0_coef: float = field(default=1e-3, metadata=_help(
+        "sparsity='jumprelu': weight of the L0 penalty, l0_coef times the active latents per "
+        "sample averaged over the batch (its gradient reaches the thresholds only)"))
+    jumprelu_bandwidth: float = field(default=1e-3, metadata=_help(
+        "sparsity='jumprelu': width of the rectangle kernel of the thresholds' "
+        "straight-through gradient (pre-activations within half of it of a threshold count)"))
     l1_coef: float = field(default=1e-3, metadata=_help(
         "sparsity='l1': weight of the L1 penalty on the code, l1_coef times the per-sample "
         "sum of the activations averaged over the batch (l1_weight penalises the weights)"))
@@ -262,6 +280,8 @@ class TrainConfig:
         self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)
         if self.k_anneal_fraction > 1:
             raise ValueError(f"k_anneal_fraction: expected 0 < k_anneal_fraction <= 1, got {self.k_anneal_fraction}")
+        self.l0_coef = check_positive_float("l0_coef", self.l0_coef, allow_zero=True)
+        self.jumprelu_bandwidth = check_positive_float("jumprelu_bandwidth", self.jumprelu_bandwidth)
         self.l1_coef = check_positive_float("l1_coef", self.l1_coef, allow_zero=True)
         self.kl_target = check_positive_float("kl_target", self.kl_target)
         if self.kl_target >= 1:

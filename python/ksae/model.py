@@ -20,12 +20,13 @@ from .losses import add_weight_penalties, reconstruction_loss, sigmoid
 from .metrics import fraction_of_variance_explained
 from .optim import Optimizer, make_optimizer
 from .optim import clip_grad_norm as clip_gradients
-from .sparsity import active_mask, code_penalty
+from .sparsity import active_mask, code_penalty, jumprelu_threshold_gradient, jumprelu_values
 from .validation import as_code, as_float_matrix
 
 PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
 """Internal parameter names. W_enc is held transposed, (n_latents, d_in), so a latent's
-encoder weights are one contiguous row; ``W_enc_`` shows it as (d_in, n_latents)."""
+encoder weights are one contiguous row; ``W_enc_`` shows it as (d_in, n_latents). A jumprelu
+model has one more, ``log_threshold`` (n_latents,)."""
 
 _WORKSPACE_BYTES = 64 << 20  # pre-activation scratch per inference chunk
 
@@ -85,7 +86,8 @@ class SparseAutoencoder:
     """
 
     def __init__(self, n_latents: int = 1024, k: int = 32, *, sparsity: str = "topk",
-                 max_k: int | None = None, activation: str = "relu",
+                 max_k: int | None = None, jumprelu_init_threshold: float | None = None,
+                 activation: str = "relu",
                  init: str = "tied", normalize_decoder: bool = True,
                  output_activation: str = "linear", inference_k_scale: float = 1.0,
                  b_dec_init: str = "zeros", random_state: int | None = None, dtype: str = "float32",
@@ -94,6 +96,7 @@ class SparseAutoencoder:
         self.k = k
         self.sparsity = sparsity
         self.max_k = max_k
+        self.jumprelu_init_threshold = jumprelu_init_threshold
         self.activation = activation
         self.init = init
         self.normalize_decoder = normalize_decoder
@@ -171,6 +174,15 @@ class SparseAutoencoder:
     def b_dec_(self) -> np.ndarray:
         """Decoder bias, (d_in,); it is also subtracted from the input before encoding."""
         return self._fitted()["b_dec"]
+
+    @property
+    def log_threshold_(self) -> np.ndarray:
+        """jumprelu: the log of each latent's threshold, (n_latents,) (theta = exp of it)."""
+        p = self._fitted()
+        if "log_threshold" not in p:
+            raise AttributeError(f"log_threshold_: only jumprelu models have thresholds; this "
+                                 f"one's sparsity is {self.sparsity!r}")
+        return p["log_threshold"]
 
     @property
     def n_features_in_(self) -> int:
@@ -271,9 +283,32 @@ class SparseAutoencoder:
         if cfg.normalize_decoder:
             normalize_rows(W_dec)
         b_dec = initial_decoder_bias(X, cfg.b_dec_init) if X is not None else None
-        self._set_weights({"W_enc_t": W_enc_t, "b_enc": np.zeros(n), "W_dec": W_dec,
-                           "b_dec": np.zeros(d_in) if b_dec is None else b_dec}, dtype)
+        params = {"W_enc_t": W_enc_t, "b_enc": np.zeros(n), "W_dec": W_dec,
+                  "b_dec": np.zeros(d_in) if b_dec is None else b_dec}
+        if cfg.sparsity == "jumprelu":
+            params["log_threshold"] = np.zeros(n)
+        self._set_weights(params, dtype)
+        if cfg.sparsity == "jumprelu":
+            self._params["log_threshold"][:] = np.log(self._initial_threshold(cfg, X))
         self._reset_training_state(n)
+
+    def _initial_threshold(self, cfg: ModelConfig, X: np.ndarray | None) -> float:
+        """jumprelu's starting threshold: jumprelu_init_threshold, or by default the one that
+        k latents per sample of (up to 4096 rows of) X exceed on average with the initial
+        weights, so that the cap max_k does not bind from the start (at least 1e-6)."""
+        if cfg.jumprelu_init_threshold is not None:
+            return cfg.jumprelu_init_threshold
+        if X is None:
+            return 1e-3
+        sample = X[:4096]
+        width = self.code_width(cfg)
+        with self._scratch(sample.shape[0]) as ws:
+            pre, _ = _core.encode(sample, self._params["W_enc_t"], self._params["b_enc"],
+                                  self._params["b_dec"], width, "linear", self._threads(cfg),
+                                  ws["centered"], ws["pre"])
+        flat = pre.reshape(-1)
+        budget = min(flat.size, cfg.k * sample.shape[0])
+        return max(float(np.partition(flat, flat.size - budget)[flat.size - budget]), 1e-6)
 
     def _reset_training_state(self, n_latents: int) -> None:
         self._optimizer = None
@@ -284,7 +319,8 @@ class SparseAutoencoder:
         self.threshold_: float | None = None  # batchtopk's inference threshold
 
     def _set_weights(self, params: dict[str, np.ndarray], dtype: np.dtype) -> None:
-        self._params = {name: as_aligned(params[name], dtype) for name in PARAM_NAMES}
+        names = PARAM_NAMES + (("log_threshold",) if "log_threshold" in params else ())
+        self._params = {name: as_aligned(params[name], dtype) for name in names}
         self._grads = {name: aligned_empty(p.shape, dtype) for name, p in self._params.items()}
         self._workspace = {}
 
@@ -295,6 +331,10 @@ class SparseAutoencoder:
                 f"n_latents/dtype: the model holds weights for n_latents={p['W_dec'].shape[0]}, "
                 f"dtype={p['W_dec'].dtype}, but its parameters now say n_latents={cfg.n_latents}, "
                 f"dtype={cfg.dtype}; call fit to re-initialise")
+        if ("log_threshold" in p) != (cfg.sparsity == "jumprelu"):
+            raise ValueError(f"sparsity: the model's weights are not those of a "
+                             f"sparsity={cfg.sparsity!r} model (jumprelu has thresholds, the "
+                             f"others none); call fit to re-initialise")
 
     def _buffers(self, rows: int) -> dict[str, np.ndarray]:
         """Scratch arrays for a batch of ``rows`` samples, grown as needed, reused otherwise.
@@ -339,17 +379,21 @@ class SparseAutoencoder:
             encoded = batch * (self._rng.random(batch.shape) >= train_cfg.input_dropout)
         width = self.code_width(cfg, k)
         selected_pre = self._selected_pre_buffer(batch.shape[0], width, cfg)
-        values, indices = _core.encode(encoded, p["W_enc_t"], p["b_enc"], p["b_dec"], width,
-                                       cfg.activation, nt, ws["centered"], ws["pre"], selected_pre)
+        values, indices, gap = self._encode(encoded, width, cfg, nt, ws, selected_pre)
         if cfg.sparsity == "batchtopk":
             self._keep_batch_top(values, k)
         x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         sparsity_loss, grad_values = code_penalty(values, indices, cfg, train_cfg)
         self._check_finite("loss", loss + sparsity_loss)
+        dvalues = np.empty_like(values) if gap is not None else None  # dL/dz for the thresholds
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                       g["W_dec"], g["b_dec"], False, selected_pre, grad_values)
+                       g["W_dec"], g["b_dec"], False, selected_pre, grad_values, dvalues)
+        if gap is not None:
+            jumprelu_threshold_gradient(gap, indices, dvalues, p["log_threshold"],
+                                        train_cfg.jumprelu_bandwidth, train_cfg.l0_coef,
+                                        g["log_threshold"])
         auxk_loss = 0.0
         if train_cfg.auxk_coef > 0:
             auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
@@ -365,15 +409,34 @@ class SparseAutoencoder:
         self.n_iter_ += 1
         return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
 
+    def _encode(self, X: np.ndarray, width: int, cfg: ModelConfig, nt: int,
+                ws: dict[str, np.ndarray], selected_pre: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The code of a batch, ``width`` latents per row, with the scratch arrays ``ws``:
+        (values, indices, gap). For jumprelu the encode keeps the ``width`` largest
+        ``pre - theta`` (bias ``b_enc - theta``, linear activation), values become the
+        pre-activations above their thresholds (zeros below) and ``gap`` holds the kept
+        ``pre - theta``, which the thresholds' gradient needs; otherwise ``gap`` is None."""
+        p = self._params
+        if cfg.sparsity != "jumprelu":
+            values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], width,
+                                           cfg.activation, nt, ws["centered"], ws["pre"],
+                                           selected_pre)
+            return values, indices, None
+        threshold = np.exp(p["log_threshold"])
+        gap, indices = _core.encode(X, p["W_enc_t"], p["b_enc"] - threshold, p["b_dec"], width,
+                                    "linear", nt, ws["centered"], ws["pre"])
+        return jumprelu_values(gap, indices, threshold), indices, gap
+
     @staticmethod
     def code_width(cfg: ModelConfig, k: int | None = None) -> int:
-        """Latents selected per sample before any thresholding: k for topk; for batchtopk the
-        per-sample cap max_k (default 4k), within which the batch-wide choice is made; every
-        latent for the dense sparsities (l1, kl)."""
+        """Latents selected per sample before any thresholding: k for topk; for batchtopk and
+        jumprelu the per-sample cap max_k (default 4k), within which the batch-wide choice or
+        the thresholds act; every latent for the dense sparsities (l1, kl)."""
         k = k or cfg.k
         if cfg.sparsity in DENSE_SPARSITIES:
             return cfg.n_latents
-        if cfg.sparsity == "batchtopk":
+        if cfg.sparsity in ("batchtopk", "jumprelu"):
             return int(min(cfg.n_latents, cfg.max_k or 4 * k))
         return k
 
@@ -474,7 +537,9 @@ class SparseAutoencoder:
         p["W_dec"][dead] = directions
         p["W_enc_t"][dead] = directions * enc_norm
         p["b_enc"][dead] = 0
-        for name in ("W_dec", "W_enc_t", "b_enc"):
+        if "log_threshold" in p:  # the dead latents' encoder rows are new: their thresholds too
+            p["log_threshold"][dead] = np.median(p["log_threshold"][alive]) if alive.any() else 0
+        for name in ("W_dec", "W_enc_t", "b_enc", "log_threshold"):
             for buffer in self._optimizer.state.get(name, {}).values():
                 buffer[dead] = 0
         self.samples_since_fired_[dead] = 0
@@ -489,8 +554,10 @@ class SparseAutoencoder:
         """The k-sparse code of each row of ``X``: ``SparseCode(values, indices)``, each
         (n_samples, k'), values in decreasing order (the lower index first on ties), where
         k' = round(inference_k_scale * k) (k by default). With batchtopk, k' is the per-sample
-        cap and values below the learned ``threshold_`` are zero. With the dense sparsities
-        (l1, kl) k' = n_latents: every latent, relu's inactive ones at zero."""
+        cap and values below the learned ``threshold_`` are zero. With jumprelu, k' is the
+        per-sample cap, values at or below their latent's threshold are zero, and the order is
+        that of pre-activation minus threshold. With the dense sparsities (l1, kl) k' =
+        n_latents: every latent, relu's inactive ones at zero."""
         values, indices = self._candidates(X)
         if self.config.sparsity == "batchtopk":
             # Per sample, independent of the batch: every latent above the learned threshold.
@@ -502,7 +569,7 @@ class SparseAutoencoder:
         cfg = self.config
         self._check_architecture(cfg)
         X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
-        p, nt = self._params, self._threads(cfg)
+        nt = self._threads(cfg)
         n = X.shape[0]
         k = self.code_width(cfg, self.inference_k(cfg))
         values = np.empty((n, k), dtype=cfg.dtype)
@@ -511,9 +578,8 @@ class SparseAutoencoder:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             with self._scratch(stop - start) as ws:
-                values[start:stop], indices[start:stop] = _core.encode(
-                    X[start:stop], p["W_enc_t"], p["b_enc"], p["b_dec"], k, cfg.activation,
-                    nt, ws["centered"], ws["pre"])
+                values[start:stop], indices[start:stop], _ = self._encode(X[start:stop], k,
+                                                                          cfg, nt, ws)
         return SparseCode(values, indices)
 
     def calibrate_threshold(self, X: Any) -> float:
@@ -577,12 +643,16 @@ class SparseAutoencoder:
                 "history": getattr(self, "history_", {})}
         weights = {"W_enc": np.ascontiguousarray(p["W_enc_t"].T), "b_enc": p["b_enc"],
                    "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+        if "log_threshold" in p:  # jumprelu
+            weights["log_threshold"] = p["log_threshold"]
         return meta, weights
 
     def _restore(self, meta: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
         cfg = self.config
         params = {"W_enc_t": weights["W_enc"].T, "b_enc": weights["b_enc"],
                   "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}
+        if "log_threshold" in weights:  # jumprelu
+            params["log_threshold"] = weights["log_threshold"]
         self._set_weights(params, np.dtype(cfg.dtype))
         self._rng = np.random.default_rng(cfg.random_state)
         self._reset_training_state(cfg.n_latents)

@@ -191,6 +191,24 @@ def kl_penalty(Z: np.ndarray, target: float, coef: float) -> tuple[float, np.nda
     return coef * float(kl.sum()), np.broadcast_to(slope / Z.shape[0], Z.shape).copy()
 
 
+def jumprelu(pre: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """JumpReLU on dense pre-activations: ``pre * H(pre - threshold)``, per-latent thresholds."""
+    return np.where(pre > threshold, pre, 0.0)
+
+
+def jumprelu_threshold_gradient(pre: np.ndarray, threshold: np.ndarray, grad_z: np.ndarray,
+                                bandwidth: float, l0_coef: float) -> np.ndarray:
+    """The straight-through gradient with respect to log(threshold) of ``L(z) + l0_coef *
+    mean over rows of sum_j H(pre - threshold_j)``, z = jumprelu(pre, threshold), given dense
+    ``grad_z = dL/dz`` (batch, n_latents): with ``K = |pre - threshold| < bandwidth / 2``,
+    ``d/dtheta = sum_r -(theta / bandwidth) K grad_z - l0_coef / (batch * bandwidth) K``,
+    times theta for the logarithm."""
+    K = (np.abs(pre - threshold) < bandwidth / 2).astype(np.float64)
+    d_theta = (-(threshold / bandwidth) * K * grad_z).sum(axis=0)
+    d_theta -= l0_coef / (pre.shape[0] * bandwidth) * K.sum(axis=0)
+    return d_theta * threshold
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                 weight_decay=0.0, step: int, unit_norm_rows: bool = False) -> None:
     """Adam/AdamW in place, PyTorch's formulation (decoupled weight decay)."""

@@ -5,6 +5,9 @@ b_enc, W_dec as (n_latents, d_in), b_dec) and ``config.json`` (format version, c
 arguments, training counters, and the SHA-256 of the weights file so a mismatched or damaged
 pair is detected). Each file is written to a temporary name, flushed and renamed into place,
 so an interrupted save never leaves a half-written file under the final name.
+
+A jumprelu model's weights file also holds ``log_threshold`` (n_latents,). The format version
+stays 1: files without it (the other sparsities, and every earlier file) load as before.
 """
 
 from __future__ import annotations
@@ -105,12 +108,17 @@ def load(path: str | os.PathLike) -> "SparseAutoencoder":
 
 def _check_weights(weights: dict[str, np.ndarray], cfg: ModelConfig, where: Path) -> None:
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    if cfg.sparsity == "jumprelu":
+        expected.add("log_threshold")
     if set(weights) != expected:
         raise ValueError(f"{where}: expected tensors {sorted(expected)}, found {sorted(weights)}")
     n = cfg.n_latents
     d = weights["b_dec"].shape[0] if weights["b_dec"].ndim == 1 else -1
-    shapes: dict[str, tuple[Any, ...]] = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    shapes: dict[str, tuple[Any, ...]] = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,),
+                                          "log_threshold": (n,)}
     for name, shape in shapes.items():
+        if name not in expected:
+            continue
         w = weights[name]
         if w.shape != shape or w.dtype != np.dtype(cfg.dtype):
             raise ValueError(f"{where}: tensor {name} has shape {w.shape} and dtype {w.dtype}, "

@@ -1,6 +1,6 @@
 """Sparsity mechanisms beyond the top-k selection: penalties on the code (L1 on relu
-activations; a KL divergence toward a target mean activation for sigmoid ones) and what counts
-as an active latent.
+activations; a KL divergence toward a target mean activation for sigmoid ones), JumpReLU's
+learned thresholds with their straight-through gradient, and what counts as an active latent.
 
 A penalty returns its value and its gradient with respect to the code values, (batch, width)
 like the values; the backward kernel adds that gradient to the one through the decoder
@@ -50,10 +50,45 @@ def kl_penalty(values: np.ndarray, indices: np.ndarray, n_latents: int, target: 
     return coef * float(kl.sum()), slope.astype(values.dtype)[indices]
 
 
+def jumprelu_values(gap: np.ndarray, indices: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """JumpReLU, ``z = pre * H(pre - threshold)``, on a code whose values are ``gap = pre -
+    threshold[indices]`` (an encode with bias ``b_enc - threshold`` and a linear activation,
+    which keeps each row's max_k largest gaps): ``pre`` where the gap is positive, else 0."""
+    values = gap + threshold[indices]
+    values[gap <= 0] = 0
+    return values
+
+
+def jumprelu_threshold_gradient(gap: np.ndarray, indices: np.ndarray, grad_values: np.ndarray,
+                                log_threshold: np.ndarray, bandwidth: float, l0_coef: float,
+                                out: np.ndarray) -> None:
+    """The straight-through gradient of the loss with respect to ``log_threshold``, into
+    ``out`` (Rajamanoharan et al., 2024, "Jumping Ahead"). With the rectangle kernel
+    ``K(u) = 1 for |u| < 1/2`` and ``eps = bandwidth``, each code entry (r, j) contributes
+
+        d z / d theta_j        = -(theta_j / eps) * K((pre - theta_j) / eps)   times dL/dz (grad_values)
+        d L0-penalty / d theta_j = -(l0_coef / batch / eps) * K((pre - theta_j) / eps)
+
+    and the chain rule through ``theta = exp(log_threshold)`` multiplies the sum by theta.
+    Entries outside a row's code (beyond its max_k) are not seen: exact unless the cap binds,
+    i.e. unless a row has max_k latents above ``theta - eps / 2``."""
+    batch = gap.shape[0]
+    threshold = np.exp(log_threshold.astype(np.float64))
+    near = np.abs(gap) < bandwidth / 2
+    latents = indices[near]
+    slope = -(grad_values[near] * threshold[latents] + l0_coef / batch) / bandwidth
+    grad = np.bincount(latents, weights=slope, minlength=log_threshold.shape[0]) * threshold
+    out[...] = grad
+
+
 def code_penalty(values: np.ndarray, indices: np.ndarray, cfg: ModelConfig,
                  train_cfg: TrainConfig) -> tuple[float, np.ndarray | None]:
     """The penalty a model's sparsity puts on its code and its gradient with respect to the
-    values: L1 for sparsity 'l1', KL for 'kl', none (0.0, None) otherwise or at weight 0."""
+    values: L1 for sparsity 'l1', KL for 'kl', L0 for 'jumprelu' (whose gradient, through
+    the thresholds only, is jumprelu_threshold_gradient's), none (0.0, None) otherwise or at
+    weight 0."""
+    if cfg.sparsity == "jumprelu":
+        return train_cfg.l0_coef * np.count_nonzero(values) / values.shape[0], None
     if cfg.sparsity == "l1" and train_cfg.l1_coef > 0:
         return l1_penalty(values, train_cfg.l1_coef)
     if cfg.sparsity == "kl" and train_cfg.kl_coef > 0:
