@@ -324,3 +324,41 @@ def test_jumprelu_sgd_step_follows_finite_differences_and_the_threshold_estimato
     want = ref.jumprelu_threshold_gradient(pre, theta, grad_out @ p["W_dec"].T, bandwidth, l0_coef)
     assert np.count_nonzero(want) >= 3
     assert rel_err((p["log_threshold"] - after["log_threshold"]) / lr, want) < 1e-6
+
+
+# ------------------------------------------------------------ the classifier
+def classifier_loss(p, X, y, activation, expected_indices):
+    """Mean cross-entropy of softmax(code @ W_head + b_head), the code from the reference
+    encode (its selection must stay that of the unperturbed problem)."""
+    values, indices = ref.encode(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"], K, activation)
+    np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected_indices, axis=1))
+    logits = ref.densify(values, indices, N_LATENTS) @ p["W_head"] + p["b_head"]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -np.mean(logp[np.arange(len(y)), y])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_classifier_sgd_step_follows_finite_difference_gradient(activation):
+    # One step of the classifier (encoder and head together) moves each of its parameters by
+    # lr times the central-difference gradient of the cross-entropy; b_dec does not move.
+    sae, p, X = model_problem(activation)
+    y = np.arange(BATCH) % 3
+    clf = ksae.SparseClassifier(sae, 3).fit(X, y, epochs=1, batch_size=BATCH, optimizer="sgd",
+                                            momentum=0.0, lr=1e-300)
+    rng = np.random.default_rng(5)
+    clf.W_head_[:] = rng.standard_normal((N_LATENTS, 3))  # a head that passes a gradient back
+    clf.b_head_[:] = rng.standard_normal(3)
+    p = {"W_enc_t": clf.W_enc_.T.copy(order="C"), "b_enc": clf.b_enc_.copy(),
+         "b_dec": clf.b_dec_.copy(), "W_head": clf.W_head_.copy(), "b_head": clf.b_head_.copy()}
+    _, indices = ref.encode(X, p["W_enc_t"].T, p["b_enc"], p["b_dec"], K, activation)
+    ws = {"centered": np.empty_like(X), "pre": np.empty((BATCH, N_LATENTS)),
+          "selected_pre": np.empty((BATCH, K))}
+    lr = 1e-3
+    clf._step(X, y, ksae.SGD(lr=lr), None, ws)
+    after = {"W_enc_t": clf.W_enc_.T, "b_enc": clf.b_enc_, "W_head": clf.W_head_, "b_head": clf.b_head_}
+    for name, moved in after.items():
+        numeric = central_differences(lambda q: classifier_loss(q, X, y, activation, indices), p, name)
+        assert np.linalg.norm(numeric) > 1e-6, name
+        assert rel_err((p[name] - moved) / lr, numeric) < 1e-6, name
+    np.testing.assert_array_equal(clf.b_dec_, p["b_dec"])

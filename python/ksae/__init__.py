@@ -15,6 +15,7 @@ from .datasets import make_sparse_dictionary
 from .metrics import dictionary_recovery, fraction_of_variance_explained
 from .model import SparseAutoencoder, SparseCode
 from .probe import LinearProbe
+from .classifier import SparseClassifier
 from .optim import SGD, Adam, RMSprop
 from .serialization import load
 
@@ -31,7 +32,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "SparseAutoencoder", "SparseCode", "LinearProbe", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
+    "SparseAutoencoder", "SparseCode", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
     "load", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
     "has_openmp", "build_info", "__version__",
 ]

@@ -1,4 +1,5 @@
-"""Reconstruction losses: each returns the loss and its gradient with respect to X_hat."""
+"""Losses: each returns the loss and its gradient with respect to its input (the
+reconstruction X_hat, or a classifier's logits)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,22 @@ def add_weight_penalties(params: dict[str, np.ndarray], grads: dict[str, np.ndar
             G += W * W.dtype.type(2 * l2)
         if l1:
             G += np.sign(W) * W.dtype.type(l1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by each row's maximum so that no exponential overflows."""
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
+def softmax_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of softmax(logits) (n, classes) against integer targets (n,),
+    ``mean(-log softmax(logits)[i, targets[i]])``, and its gradient with respect to the
+    logits, ``(softmax(logits) - onehot(targets)) / n``."""
+    probs = softmax(logits)
+    rows = np.arange(len(targets))
+    loss = float(-np.mean(np.log(np.maximum(probs[rows, targets], 1e-30)), dtype=np.float64))
+    probs[rows, targets] -= 1
+    probs /= len(targets)
+    return loss, probs

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig, check_int, check_positive_float
+from .losses import softmax, softmax_cross_entropy
 from .optim import make_optimizer
 from .validation import as_float_matrix
 
@@ -60,28 +61,18 @@ class LinearProbe:
     @staticmethod
     def _loss_and_grads(params: dict[str, np.ndarray], Z: np.ndarray, targets: np.ndarray,
                         l2: float) -> tuple[float, dict[str, np.ndarray]]:
-        logits = Z @ params["W"] + params["b"]
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        rows = np.arange(len(targets))
-        loss = float(-np.mean(np.log(np.maximum(probs[rows, targets], 1e-30))))
-        probs[rows, targets] -= 1
-        probs /= len(targets)
-        grad_W = Z.T @ probs
+        loss, grad_logits = softmax_cross_entropy(Z @ params["W"] + params["b"], targets)
+        grad_W = Z.T @ grad_logits
         if l2:
             grad_W += params["W"] * params["W"].dtype.type(2 * l2)
-        return loss, {"W": np.ascontiguousarray(grad_W), "b": probs.sum(axis=0)}
+        return loss, {"W": np.ascontiguousarray(grad_W), "b": grad_logits.sum(axis=0)}
 
     def predict_proba(self, Z: Any) -> np.ndarray:
         """Class probabilities, (n_samples, n_classes) in the order of ``classes_``."""
         if not hasattr(self, "coef_"):
             raise RuntimeError("This LinearProbe is not fitted yet: call fit first")
         Z = as_float_matrix(Z, "Z", self.dtype, self.coef_.shape[0])
-        logits = Z @ self.coef_ + self.intercept_
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return softmax(Z @ self.coef_ + self.intercept_)
 
     def predict(self, Z: Any) -> np.ndarray:
         """The most probable label of each row."""
