@@ -66,8 +66,9 @@ class SparseAutoencoder:
     pre-activations are kept (passed through ``activation``), the rest are zero; the decoder
     reconstructs ``x_hat = z @ W_dec + b_dec``. Training minimises the mean squared error,
     gradients flowing through the kept latents only. ``sparsity`` picks how latents are kept:
-    topk, batchtopk, or the dense classic ones (l1: relu with an L1 penalty on the code; kl:
-    sigmoid with a KL-divergence penalty toward a target mean activation).
+    topk, batchtopk, jumprelu (a learned threshold per latent), or the dense classic ones (l1:
+    relu with an L1 penalty on the code; kl: sigmoid with a KL-divergence penalty toward a
+    target mean activation).
 
     Parameters are those of :class:`ksae.config.ModelConfig`: ``n_latents``, ``k``,
     ``activation`` ("relu", "linear", "sigmoid", "tanh"), ``init`` ("tied", "xavier", "he"),
@@ -286,10 +287,10 @@ class SparseAutoencoder:
         params = {"W_enc_t": W_enc_t, "b_enc": np.zeros(n), "W_dec": W_dec,
                   "b_dec": np.zeros(d_in) if b_dec is None else b_dec}
         if cfg.sparsity == "jumprelu":
-            params["log_threshold"] = np.zeros(n)
+            params["log_threshold"] = np.zeros(n)  # set below: calibrating needs the weights
         self._set_weights(params, dtype)
         if cfg.sparsity == "jumprelu":
-            self._params["log_threshold"][:] = np.log(self._initial_threshold(cfg, X))
+            self._params["log_threshold"].fill(np.log(self._initial_threshold(cfg, X)))
         self._reset_training_state(n)
 
     def _initial_threshold(self, cfg: ModelConfig, X: np.ndarray | None) -> float:
