@@ -17,6 +17,8 @@ from .model import SparseAutoencoder, SparseCode
 from .probe import LinearProbe
 from .optim import SGD, Adam, RMSprop
 from .serialization import load
+from .checkpoint import Checkpoint, load_checkpoint, resume
+from .training import TrainingInterrupted
 
 
 def has_openmp() -> bool:
@@ -32,6 +34,6 @@ def build_info() -> dict:
 
 __all__ = [
     "SparseAutoencoder", "SparseCode", "LinearProbe", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
-    "load", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
     "has_openmp", "build_info", "__version__",
 ]

@@ -190,6 +190,9 @@ class TrainConfig:
         "k curriculum: start training with this many active latents (>= k) ..."))
     k_anneal_fraction: float = field(default=0.5, metadata=_help(
         "... and anneal linearly to k over this fraction of the training steps"))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "with a checkpoint path, also save a checkpoint every this many steps (0: at the end "
+        "of each epoch and on Ctrl-C only)"))
 
     def __post_init__(self) -> None:
         self.epochs = check_int("epochs", self.epochs, 1)
@@ -235,6 +238,7 @@ class TrainConfig:
         if self.auxk_k is not None:
             self.auxk_k = check_int("auxk_k", self.auxk_k, 1)
         self.resample_every = check_int("resample_every", self.resample_every, 0)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
         if self.k_start is not None:
             self.k_start = check_int("k_start", self.k_start, 1)
         self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)
