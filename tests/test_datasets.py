@@ -1,13 +1,22 @@
-"""IDX files: every IDX type, raw or gzip, and clear errors for malformed files."""
+"""The data layer: IDX files, and MNIST / Fashion-MNIST lookup and download (against a local
+HTTP server)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
+import hashlib
+import http.server
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ksae import datasets
+from ksae.datasets import SPLIT_FILES, DownloadError, ImageDataset, data_cache_dir, load_mnist
 from ksae.idx import read_idx
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
@@ -95,3 +104,251 @@ def test_read_idx_refuses_a_damaged_gzip_stream(tmp_path):
 def test_read_idx_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_idx(tmp_path / "absent")
+
+
+# --- MNIST / Fashion-MNIST ------------------------------------------------------------------
+
+def make_split(rng, n):
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    return images, labels
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, rng):
+    """A small MNIST look-alike as .gz files under ``served/good``, a corrupted copy under
+    ``served/bad``, and the SHA-256 of the good files."""
+    splits = {"train": make_split(rng, 20), "test": make_split(rng, 7)}
+    good, bad = tmp_path / "served" / "good", tmp_path / "served" / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    sha256 = {}
+    for split, arrays in splits.items():
+        for base, array in zip(SPLIT_FILES[split], arrays):
+            data = (good / (base + ".gz"))
+            write_idx(data, array)
+            sha256[base + ".gz"] = hashlib.sha256(data.read_bytes()).hexdigest()
+            corrupted = bytearray(data.read_bytes())
+            corrupted[-12] ^= 0xFF
+            (bad / (base + ".gz")).write_bytes(bytes(corrupted))
+    return splits, sha256
+
+
+def use_source(monkeypatch, name="mnist", **changes):
+    """Point data set ``name`` at test mirrors/checksums/system directories."""
+    changes.setdefault("system_dirs", ())
+    monkeypatch.setitem(datasets.IMAGE_DATASETS, name,
+                        dataclasses.replace(datasets.IMAGE_DATASETS[name], **changes))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path, monkeypatch):
+    """Serve ``tmp_path/served`` on 127.0.0.1; yields (base URL, stop function)."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+            stopped.append(True)
+
+    yield f"http://127.0.0.1:{server.server_address[1]}", stop
+    stop()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def assert_matches(data: ImageDataset, images, labels):
+    assert data.images.shape == (len(images), 784) and data.images.dtype == np.float32
+    np.testing.assert_array_equal(data.images, images.reshape(len(images), -1).astype(np.float32) / 255)
+    assert data.labels.dtype == np.int64
+    np.testing.assert_array_equal(data.labels, labels)
+    assert data.image_shape == (28, 28)
+
+
+def cache_listing(cache: Path) -> list[str]:
+    """Every entry under the cache, temporary files included."""
+    return sorted(p.name for p in cache.rglob("*")) if cache.exists() else []
+
+
+def test_download_verifies_caches_and_then_works_offline(tmp_path, fake_mnist, http_server, monkeypatch):
+    splits, sha256 = fake_mnist
+    url, stop = http_server
+    use_source(monkeypatch, mirrors=(url + "/good/",), sha256=sha256)
+    cache = tmp_path / "cache"
+    assert_matches(load_mnist("mnist", "train", cache_dir=cache), *splits["train"])
+    # only the requested split is fetched, under its final names, with nothing else left over
+    assert cache_listing(cache) == ["mnist", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        assert (cache / "mnist" / name).read_bytes() == (tmp_path / "served" / "good" / name).read_bytes()
+    stop()  # no network from here on: the cache must suffice
+    assert_matches(load_mnist("mnist", "train", cache_dir=cache, download=False), *splits["train"])
+    assert_matches(load_mnist("mnist", "train", cache_dir=cache), *splits["train"])
+    with pytest.raises(DownloadError):  # the test split was never cached
+        load_mnist("mnist", "test", cache_dir=cache)
+
+
+def test_a_corrupted_mirror_is_skipped_for_the_next(tmp_path, fake_mnist, http_server, monkeypatch):
+    splits, sha256 = fake_mnist
+    url, _ = http_server
+    use_source(monkeypatch, mirrors=(url + "/bad/", url + "/good/"), sha256=sha256)
+    cache = tmp_path / "cache"
+    assert_matches(load_mnist("mnist", "test", cache_dir=cache), *splits["test"])
+    assert cache_listing(cache) == ["mnist", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_a_checksum_mismatch_everywhere_leaves_nothing_in_the_cache(tmp_path, fake_mnist, http_server,
+                                                                    monkeypatch):
+    _, sha256 = fake_mnist
+    url, _ = http_server
+    use_source(monkeypatch, mirrors=(url + "/bad/", url + "/missing/"), sha256=sha256)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        load_mnist("mnist", "train", cache_dir=cache)
+    message = str(info.value)
+    assert f"{url}/bad/train-images-idx3-ubyte.gz: SHA-256 mismatch" in message
+    assert f"{url}/missing/train-images-idx3-ubyte.gz: HTTP 404" in message
+    assert not (cache / "mnist" / "train-images-idx3-ubyte.gz").exists()
+    assert [p for p in cache_listing(cache) if p != "mnist"] == []
+
+
+def test_no_network_names_the_urls_tried_and_where_to_put_the_files(tmp_path, fake_mnist, monkeypatch):
+    _, sha256 = fake_mnist
+    mirrors = (closed_port_url(), closed_port_url() + "mirror2/")
+    use_source(monkeypatch, mirrors=mirrors, sha256=sha256)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        load_mnist("mnist", "test", cache_dir=cache)
+    assert isinstance(info.value, OSError)
+    message = str(info.value)
+    for mirror in mirrors:
+        assert mirror + "t10k-images-idx3-ubyte.gz" in message
+    assert "data_dir=" in message and str(cache / "mnist") in message
+    assert cache_listing(cache) in ([], ["mnist"])
+
+
+def test_download_false_lists_the_places_searched(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    use_source(monkeypatch, "fashion-mnist", system_dirs=(system,))
+    with pytest.raises(FileNotFoundError) as info:
+        load_mnist("fashion-mnist", "train", cache_dir=tmp_path / "cache", download=False)
+    message = str(info.value)
+    assert str(system) in message and str(tmp_path / "cache" / "fashion-mnist") in message
+    assert "train-images-idx3-ubyte and train-labels-idx1-ubyte" in message
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"], ids=["raw", "gz"])
+def test_data_dir_raw_or_gz(tmp_path, rng, suffix, monkeypatch):
+    use_source(monkeypatch, mirrors=(closed_port_url(),))  # any attempt to download would fail
+    images, labels = make_split(rng, 12)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_idx(data_dir / ("t10k-images-idx3-ubyte" + suffix), images)
+    write_idx(data_dir / ("t10k-labels-idx1-ubyte" + suffix), labels)
+    data = load_mnist("mnist", "test", data_dir=data_dir, normalize=False)
+    assert data.images.dtype == np.uint8 and data.images.shape == (12, 784)
+    np.testing.assert_array_equal(data.images, images.reshape(12, 784))
+    np.testing.assert_array_equal(data.labels, labels)
+    assert data.class_names == tuple("0123456789")
+
+
+def test_data_dir_missing_files_are_named(tmp_path, rng):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_idx(data_dir / "train-labels-idx1-ubyte.gz", make_split(rng, 3)[1])
+    with pytest.raises(FileNotFoundError, match=r"data_dir: .* lacks train-images-idx3-ubyte \(raw or .gz\)"):
+        load_mnist("mnist", "train", data_dir=data_dir)
+
+
+def test_a_system_copy_is_used_before_the_cache(tmp_path, rng, monkeypatch):
+    system, cache = tmp_path / "usr-share", tmp_path / "cache"
+    in_system, in_cache = make_split(rng, 5), make_split(rng, 6)
+    for directory, arrays in ((system, in_system), (cache / "fashion-mnist", in_cache)):
+        directory.mkdir(parents=True)
+        for base, array in zip(SPLIT_FILES["train"], arrays):
+            write_idx(directory / (base + ".gz"), array)
+    use_source(monkeypatch, "fashion-mnist", system_dirs=(tmp_path / "absent", system))
+    assert_matches(load_mnist("fashion-mnist", cache_dir=cache, download=False), *in_system)
+    use_source(monkeypatch, "fashion-mnist", system_dirs=(tmp_path / "absent",))
+    assert_matches(load_mnist("fashion-mnist", cache_dir=cache, download=False), *in_cache)
+
+
+def test_cache_directory_follows_argument_then_env_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("KSAE_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data_cache_dir("mnist") == tmp_path / "xdg" / "ksae" / "mnist"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # the XDG spec says: ignore it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_cache_dir("mnist") == tmp_path / "home" / ".cache" / "ksae" / "mnist"
+    monkeypatch.setenv("KSAE_DATA", str(tmp_path / "env"))
+    assert data_cache_dir("fashion-mnist") == tmp_path / "env" / "fashion-mnist"
+    assert data_cache_dir("mnist", tmp_path / "arg") == tmp_path / "arg" / "mnist"
+
+
+def test_the_env_cache_is_searched(tmp_path, rng, monkeypatch):
+    use_source(monkeypatch)
+    monkeypatch.setenv("KSAE_DATA", str(tmp_path / "env"))
+    images, labels = make_split(rng, 4)
+    (tmp_path / "env" / "mnist").mkdir(parents=True)
+    write_idx(tmp_path / "env" / "mnist" / "t10k-images-idx3-ubyte", images)
+    write_idx(tmp_path / "env" / "mnist" / "t10k-labels-idx1-ubyte", labels)
+    assert_matches(load_mnist(split="test", download=False), images, labels)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"name": "fashion_mnist"}, ValueError, "did you mean 'fashion-mnist'"),
+    ({"split": "val"}, ValueError, r"split: expected one of 'train', 'test'"),
+    ({"download": "no"}, TypeError, "download: expected a bool"),
+    ({"normalize": 1}, TypeError, "normalize: expected a bool"),
+])
+def test_load_mnist_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        load_mnist(**kwargs)
+
+
+def test_mismatched_image_and_label_files_are_refused(tmp_path, rng):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_idx(data_dir / "t10k-images-idx3-ubyte", make_split(rng, 5)[0])
+    write_idx(data_dir / "t10k-labels-idx1-ubyte", make_split(rng, 4)[1])
+    with pytest.raises(ValueError, match="holds 5 images but .* holds 4 labels"):
+        load_mnist(split="test", data_dir=data_dir)
+    write_idx(data_dir / "t10k-labels-idx1-ubyte", np.full(5, 10, dtype=np.uint8))
+    with pytest.raises(ValueError, match="labels must be below 10, found 10"):
+        load_mnist(split="test", data_dir=data_dir)
+
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_test_split_from_the_debian_package(tmp_path):
+    data = load_mnist("fashion-mnist", "test", cache_dir=tmp_path, download=False)
+    assert data.images.shape == (10000, 784) and data.images.dtype == np.float32
+    assert data.images.min() == 0.0 and data.images.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(data.labels), np.full(10, 1000))
+    assert data.class_names[9] == "Ankle boot"
+    # Debian recompressed the files; their content is the original data, whose published
+    # MD5s (of the decompressed files) are these.
+    for name, md5 in (("t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
+                      ("t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965")):
+        content = gzip.decompress((DEBIAN_FASHION / name).read_bytes())
+        assert hashlib.md5(content).hexdigest() == md5, name
