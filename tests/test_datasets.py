@@ -1,5 +1,5 @@
-"""The data layer: IDX files, and MNIST / Fashion-MNIST lookup and download (against a local
-HTTP server)."""
+"""The data layer: IDX files, MNIST / Fashion-MNIST lookup and download (against a local HTTP
+server), arrays from .npy/.npz files, and row streams from .npy files larger than memory."""
 
 from __future__ import annotations
 
@@ -8,16 +8,25 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ksae import datasets
+from ksae.array_files import ColumnStatistics, NpyRowStream, load_array
 from ksae.datasets import SPLIT_FILES, DownloadError, ImageDataset, data_cache_dir, load_mnist
 from ksae.idx import read_idx
+
+from test_properties import PROPERTY
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
@@ -352,3 +361,287 @@ def test_real_fashion_mnist_test_split_from_the_debian_package(tmp_path):
                       ("t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965")):
         content = gzip.decompress((DEBIAN_FASHION / name).read_bytes())
         assert hashlib.md5(content).hexdigest() == md5, name
+
+
+# --- load_array -------------------------------------------------------------------------------
+
+def test_load_array_memory_maps_npy_read_only(tmp_path, rng):
+    X = rng.standard_normal((30, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    mapped = load_array(tmp_path / "x.npy")
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, X)
+    loaded = load_array(str(tmp_path / "x.npy"), mmap=False)
+    assert not isinstance(loaded, np.memmap) and loaded.flags.writeable
+    np.testing.assert_array_equal(loaded, X)
+
+
+def test_load_array_npz_keys(tmp_path, rng):
+    X, Y = rng.standard_normal((5, 3)), rng.standard_normal((6, 2))
+    np.savez(tmp_path / "one.npz", features=X)
+    np.testing.assert_array_equal(load_array(tmp_path / "one.npz"), X)
+    np.savez_compressed(tmp_path / "two.npz", features=X, other=Y)
+    np.testing.assert_array_equal(load_array(tmp_path / "two.npz", key="other"), Y)
+    with pytest.raises(ValueError, match=r"key: .* holds several arrays \(features, other\)"):
+        load_array(tmp_path / "two.npz")
+    with pytest.raises(ValueError, match="key: expected one of 'features', 'other', got 'feature'; did you mean 'features'"):
+        load_array(tmp_path / "two.npz", key="feature")
+
+
+def test_load_array_dtypes(tmp_path, rng):
+    counts = rng.integers(0, 50, size=(8, 3)).astype(np.int32)
+    np.save(tmp_path / "counts.npy", counts)
+    as_default = load_array(tmp_path / "counts.npy")
+    assert as_default.dtype == np.float64
+    np.testing.assert_array_equal(as_default, counts)
+    assert load_array(tmp_path / "counts.npy", dtype="float32").dtype == np.float32
+    halves = rng.standard_normal((4, 2)).astype(np.float16)
+    np.save(tmp_path / "halves.npy", halves)
+    assert load_array(tmp_path / "halves.npy").dtype == np.float16  # floats keep their dtype
+    big_endian = rng.standard_normal((4, 2)).astype(">f8")
+    np.save(tmp_path / "be.npy", big_endian)
+    out = load_array(tmp_path / "be.npy")
+    assert out.dtype == np.float64 and out.dtype.isnative
+    np.testing.assert_array_equal(out, big_endian)
+    with pytest.raises(ValueError, match="dtype: expected one of 'float32', 'float64'"):
+        load_array(tmp_path / "counts.npy", dtype="int8")
+
+
+@pytest.mark.parametrize("array, error, message", [
+    (np.zeros((3, 2), dtype=bool), TypeError, "holds dtype bool; expected real numbers"),
+    (np.zeros((3, 2), dtype=complex), TypeError, "holds dtype complex128"),
+    (np.zeros(5), ValueError, r"expected a 2-D array \(n_samples, n_features\), got shape \(5,\)"),
+    (np.zeros((2, 2, 2)), ValueError, "got shape"),
+    (np.zeros((0, 4)), ValueError, "at least one sample and one feature"),
+])
+def test_load_array_refuses_unusable_arrays(tmp_path, array, error, message):
+    np.save(tmp_path / "a.npy", array)
+    with pytest.raises(error, match=message):
+        load_array(tmp_path / "a.npy")
+
+
+def test_load_array_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.npy"):
+        load_array(tmp_path / "absent.npy")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"path: expected a file ending in .npy or .npz, got .*x.csv"):
+        load_array(tmp_path / "x.csv")
+    np.save(tmp_path / "objects.npy", np.array([[{}]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="is not a readable .npy file"):
+        load_array(tmp_path / "objects.npy", mmap=False)
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="is not a readable .npz file"):
+        load_array(tmp_path / "junk.npz")
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike"):
+        load_array(3)
+
+
+# --- NpyRowStream -----------------------------------------------------------------------------
+
+def numbered_rows(n_rows: int, n_features: int = 3, dtype=np.float64) -> np.ndarray:
+    """Rows whose first column is the row's index, so a row can be recognised in a batch."""
+    X = np.arange(n_rows * n_features, dtype=dtype).reshape(n_rows, n_features)
+    X[:, 0] = np.arange(n_rows)
+    return X
+
+
+@pytest.fixture
+def stream_file(tmp_path):
+    X = numbered_rows(103)
+    np.save(tmp_path / "x.npy", X)
+    return tmp_path / "x.npy", X
+
+
+def test_stream_describes_the_file(stream_file):
+    path, _ = stream_file
+    stream = NpyRowStream(path)
+    assert (stream.n_rows, stream.n_features, stream.shape, len(stream)) == (103, 3, (103, 3), 103)
+    assert stream.dtype == np.float64
+    assert repr(stream) == f"NpyRowStream({str(path)!r}, shape=(103, 3), dtype=float64)"
+    assert NpyRowStream(str(path), dtype="float32").dtype == np.float32
+
+
+def test_stream_read_and_chunks(stream_file):
+    path, X = stream_file
+    stream = NpyRowStream(path)
+    part = stream.read(10, 25)
+    np.testing.assert_array_equal(part, X[10:25])
+    assert part.flags.writeable and part.flags.c_contiguous
+    assert stream.read(5, 5).shape == (0, 3)
+    chunks = list(stream.iter_chunks(25))
+    assert [len(c) for c in chunks] == [25, 25, 25, 25, 3]
+    np.testing.assert_array_equal(np.concatenate(chunks), X)
+    with pytest.raises(ValueError, match=r"stop: expected an integer >= 10 and <= 103, got 104"):
+        stream.read(10, 104)
+    with pytest.raises(ValueError, match="start: expected an integer >= 0"):
+        stream.read(-1, 3)
+    with pytest.raises(ValueError, match="chunk_rows: expected an integer >= 1"):
+        stream.iter_chunks(0)  # checked at the call, not at the first chunk
+
+
+def test_stream_batches_in_order_without_shuffle(stream_file):
+    path, X = stream_file
+    stream = NpyRowStream(path)
+    batches = list(stream.iter_batches(10, block_rows=7, window_blocks=2))
+    assert [len(b) for b in batches] == [10] * 10 + [3]
+    assert len(batches) == stream.batches_per_epoch(10)
+    np.testing.assert_array_equal(np.concatenate(batches), X)
+
+
+@pytest.fixture(scope="module")
+def stream_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("streams")
+    paths = {}
+    for n_rows in (1, 7, 64, 97, 600):
+        paths[n_rows] = directory / f"rows{n_rows}.npy"
+        np.save(paths[n_rows], numbered_rows(n_rows, 2))
+    return paths
+
+
+@settings(**PROPERTY, max_examples=60)
+@given(n_rows=st.sampled_from([1, 7, 64, 97, 600]), batch_size=st.integers(1, 70),
+       block_rows=st.integers(1, 40), window_blocks=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_shuffled_epoch_holds_every_row_exactly_once(stream_files, n_rows, batch_size, block_rows,
+                                                     window_blocks, seed):
+    stream = NpyRowStream(stream_files[n_rows])
+    batches = list(stream.iter_batches(batch_size, shuffle=True, rng=np.random.default_rng(seed),
+                                       block_rows=block_rows, window_blocks=window_blocks))
+    sizes = [len(b) for b in batches]
+    assert sizes[:-1] == [batch_size] * (len(sizes) - 1) and 1 <= sizes[-1] <= batch_size
+    assert len(batches) == stream.batches_per_epoch(batch_size)
+    rows = np.concatenate(batches)
+    np.testing.assert_array_equal(np.sort(rows[:, 0]), np.arange(n_rows))
+    # each row arrives whole: its other column still belongs to it
+    np.testing.assert_array_equal(rows[:, 1], numbered_rows(n_rows, 2)[rows[:, 0].astype(int), 1])
+
+
+def epoch_order(stream, rng, batch_size=16, **kwargs):
+    return np.concatenate(list(stream.iter_batches(batch_size, shuffle=True, rng=rng, **kwargs)))[:, 0]
+
+
+def test_shuffle_is_seeded_and_changes_between_epochs(stream_files):
+    stream = NpyRowStream(stream_files[600])
+    kwargs = dict(block_rows=20, window_blocks=3)
+    rng = np.random.default_rng(7)
+    first, second = epoch_order(stream, rng, **kwargs), epoch_order(stream, rng, **kwargs)
+    assert not np.array_equal(first, second)  # one generator, two epochs: two orders
+    again = np.random.default_rng(7)
+    np.testing.assert_array_equal(epoch_order(stream, again, **kwargs), first)
+    np.testing.assert_array_equal(epoch_order(stream, again, **kwargs), second)
+    np.testing.assert_array_equal(epoch_order(stream, 7, **kwargs), first)  # an int seeds a generator
+    assert not np.array_equal(first, np.arange(600))
+
+
+def test_shuffle_permutes_blocks_and_mixes_rows_within_a_window(stream_files):
+    stream = NpyRowStream(stream_files[600])
+    order = epoch_order(stream, np.random.default_rng(3), batch_size=20, block_rows=10, window_blocks=4)
+    blocks = order.astype(int) // 10
+    window = blocks[:40]  # the first window: 4 whole blocks, in two batches of 20
+    assert len(set(window)) == 4 and np.all(np.bincount(window)[np.unique(window)] == 10)
+    assert sorted(set(window)) != [0, 1, 2, 3]  # blocks come in a permuted order ...
+    # ... and the rows of a window are shuffled together: a batch mixes rows of its blocks
+    assert len(set(blocks[:20])) >= 3 and np.mean(np.diff(order[:20]) == 1) < 0.5
+
+
+def test_stream_converts_dtypes(tmp_path, rng):
+    X = rng.standard_normal((50, 4))
+    np.save(tmp_path / "x.npy", X)
+    stream = NpyRowStream(tmp_path / "x.npy", dtype="float32")
+    batches = list(stream.iter_batches(8, shuffle=True, rng=0))
+    assert all(b.dtype == np.float32 and b.flags.c_contiguous for b in batches)
+    np.save(tmp_path / "ints.npy", np.arange(12, dtype=np.int16).reshape(4, 3))
+    ints = NpyRowStream(tmp_path / "ints.npy")
+    assert ints.dtype == np.float64
+    np.testing.assert_array_equal(ints.read(0, 4), np.arange(12).reshape(4, 3))
+    np.save(tmp_path / "be.npy", X.astype(">f4"))
+    big_endian = NpyRowStream(tmp_path / "be.npy")
+    assert big_endian.dtype == np.float32 and big_endian.dtype.isnative
+    np.testing.assert_array_equal(np.concatenate(list(big_endian.iter_chunks(16))), X.astype(np.float32))
+
+
+def test_stream_reads_npy_format_version_2(tmp_path):
+    X = numbered_rows(9)
+    with open(tmp_path / "v2.npy", "wb") as f:
+        np.lib.format.write_array(f, X, version=(2, 0))
+    np.testing.assert_array_equal(NpyRowStream(tmp_path / "v2.npy").read(0, 9), X)
+
+
+def test_stream_refuses_unusable_files(tmp_path):
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.zeros((4, 3))))
+    with pytest.raises(ValueError, match=r"Fortran \(column-major\) order"):
+        NpyRowStream(tmp_path / "fortran.npy")
+    np.save(tmp_path / "vector.npy", np.zeros(4))
+    with pytest.raises(ValueError, match="expected a 2-D array"):
+        NpyRowStream(tmp_path / "vector.npy")
+    np.save(tmp_path / "objects.npy", np.array([[{}]], dtype=object), allow_pickle=True)
+    with pytest.raises(TypeError, match="expected real numbers"):
+        NpyRowStream(tmp_path / "objects.npy")
+    np.save(tmp_path / "whole.npy", np.zeros((10, 3)))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated .npy file"):
+        NpyRowStream(tmp_path / "cut.npy")
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(ValueError, match="not a readable .npy file"):
+        NpyRowStream(tmp_path / "text.npy")
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="expected a file ending in .npy"):
+        NpyRowStream(tmp_path / "a.npz")
+    with pytest.raises(FileNotFoundError):
+        NpyRowStream(tmp_path / "absent.npy")
+
+
+def test_stream_argument_errors(stream_file):
+    stream = NpyRowStream(stream_file[0])
+    for kwargs, message in (({"block_rows": 0}, "block_rows: expected an integer >= 1"),
+                            ({"window_blocks": 0}, "window_blocks: expected an integer >= 1")):
+        with pytest.raises(ValueError, match=message):
+            stream.iter_batches(4, **kwargs)
+    with pytest.raises(TypeError, match="shuffle: expected a bool"):
+        stream.iter_batches(4, shuffle="yes")
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1"):
+        stream.batches_per_epoch(0)
+
+
+def test_column_statistics_match_numpy(tmp_path, rng):
+    # A large common offset: a naive sum of squares in float32 would lose the variance.
+    X = (1e4 + rng.standard_normal((1001, 5)) * np.arange(1, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    stats = NpyRowStream(tmp_path / "x.npy").column_statistics(chunk_rows=64)
+    assert isinstance(stats, ColumnStatistics) and stats.n_rows == 1001
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(stats.mean, X64.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance, X64.var(axis=0), rtol=1e-9)
+    total = np.sum((X64 - X64.mean(axis=0)) ** 2)
+    np.testing.assert_allclose(stats.n_rows * stats.variance.sum(), total, rtol=1e-9)
+
+
+def test_streaming_a_large_file_keeps_resident_memory_small(tmp_path):
+    """Stream a ~200 MB float32 file in shuffled batches in a child process, so that this
+    process's memory does not count, and compare its peak resident memory before and after."""
+    n_rows, n_features = 200_000, 256
+    path = tmp_path / "big.npy"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (n_rows, n_features)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        block = np.ones((10_000, n_features), dtype=np.float32)
+        for _ in range(n_rows // len(block)):
+            f.write(block.tobytes())
+    file_bytes = path.stat().st_size
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        import numpy as np
+        from ksae.array_files import NpyRowStream
+        stream = NpyRowStream({str(path)!r})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rows, total = 0, 0.0
+        for batch in stream.iter_batches(1024, shuffle=True, rng=0):
+            rows += len(batch)
+            total += float(batch[:, 0].sum())
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"rows": rows, "total": total, "growth_kib": after - before}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["rows"] == n_rows and report["total"] == n_rows
+    growth = report["growth_kib"] * 1024  # Linux reports ru_maxrss in KiB
+    assert growth < 0.5 * file_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {file_bytes / 2**20:.0f} MiB file"
