@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ksae
 from ksae import datasets
 from ksae.array_files import ColumnStatistics, NpyRowStream, load_array
 from ksae.datasets import SPLIT_FILES, DownloadError, ImageDataset, data_cache_dir, load_mnist
@@ -645,3 +646,8 @@ def test_streaming_a_large_file_keeps_resident_memory_small(tmp_path):
     assert report["rows"] == n_rows and report["total"] == n_rows
     growth = report["growth_kib"] * 1024  # Linux reports ru_maxrss in KiB
     assert growth < 0.5 * file_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {file_bytes / 2**20:.0f} MiB file"
+
+
+def test_public_names():
+    for name in ("load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream"):
+        assert name in ksae.__all__ and getattr(ksae, name) is not None
