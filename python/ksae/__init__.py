@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 
 from . import _core
 from .config import ModelConfig, TrainConfig
-from .datasets import make_sparse_dictionary
+from .array_files import NpyRowStream, load_array
+from .datasets import ImageDataset, load_mnist, make_sparse_dictionary
+from .idx import read_idx
 from .metrics import dictionary_recovery, fraction_of_variance_explained
 from .model import SparseAutoencoder, SparseCode
 from .probe import LinearProbe
@@ -34,6 +36,8 @@ def build_info() -> dict:
 
 __all__ = [
     "SparseAutoencoder", "SparseCode", "LinearProbe", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
-    "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
+    "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream",
     "has_openmp", "build_info", "__version__",
 ]
