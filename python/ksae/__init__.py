@@ -7,6 +7,8 @@ the estimator, training loop, losses, optimizers, data and command line.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 __version__ = "0.1.0"
 
 from . import _core
@@ -18,6 +20,7 @@ from .metrics import dictionary_recovery, fraction_of_variance_explained
 from .model import SparseAutoencoder, SparseCode
 from .probe import LinearProbe
 from .optim import SGD, Adam, RMSprop
+from .report import write_report
 from .serialization import load
 from .checkpoint import Checkpoint, load_checkpoint, resume
 from .training import TrainingInterrupted
@@ -34,10 +37,20 @@ def build_info() -> dict:
     return dict(_core.build_info())
 
 
+def __getattr__(name: str) -> ModuleType:
+    # ksae.plots imports matplotlib, which takes longer than the rest of ksae: it is loaded
+    # on first use of ksae.plots (or by import ksae.plots), not by import ksae.
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SparseAutoencoder", "SparseCode", "LinearProbe", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
     "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
     "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
-    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream",
+    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "write_report",
     "has_openmp", "build_info", "__version__",
 ]
