@@ -30,7 +30,7 @@ from .buffers import as_aligned
 from .config import ModelConfig, TrainConfig
 from .optim import make_optimizer
 from .serialization import atomic_write_bytes
-from .training import EarlyStopping, RunningStats, TrainingPosition
+from .training import ArrayRows, EarlyStopping, RunningStats, StreamRows, TrainingPosition
 
 if TYPE_CHECKING:
     from .model import SparseAutoencoder
@@ -58,14 +58,14 @@ class Checkpoint(NamedTuple):
         return self.model.n_iter_
 
 
-def data_fingerprint(X: np.ndarray) -> dict[str, Any]:
-    """Shape, dtype and a hash of three rows of X: enough to catch resuming on other data
-    without reading all of it."""
-    n = X.shape[0]
+def data_fingerprint(rows: "ArrayRows | StreamRows") -> dict[str, Any]:
+    """Shape and a hash of three rows of the training data: enough to catch resuming on
+    other data without reading all of it."""
+    n = rows.shape[0]
     h = hashlib.sha256()
-    for row in sorted({0, n // 2, n - 1}):
-        h.update(np.ascontiguousarray(X[row]).tobytes())
-    return {"shape": list(X.shape), "dtype": str(X.dtype), "rows_sha256": h.hexdigest()}
+    for i in sorted({0, n // 2, n - 1}):
+        h.update(np.ascontiguousarray(rows.row(i)).tobytes())
+    return {"shape": list(rows.shape), "rows_sha256": h.hexdigest()}
 
 
 def _payload_hash(tensors: dict[str, np.ndarray]) -> str:
@@ -211,7 +211,7 @@ def resume(path: str | os.PathLike, X: Any, *, validation_data: Any = None,
     With the same thread count the result equals that of the uninterrupted run, bit for bit.
     ``epochs`` raises the run's epoch count (the learning-rate schedule and k curriculum
     then follow the new length). Returns the model."""
-    from .training import split_rows
+    from .training import split_rows, training_rows
     from .validation import as_float_matrix
 
     ckpt = load_checkpoint(path)
@@ -219,22 +219,23 @@ def resume(path: str | os.PathLike, X: Any, *, validation_data: Any = None,
     if epochs is not None:
         train_cfg = TrainConfig(**{**asdict(train_cfg), "epochs": epochs})
     cfg = model.config
-    X = as_float_matrix(X, "X", cfg.dtype, model.n_features_in_)
-    if data_fingerprint(X) != ckpt.data["fingerprint"]:
+    rows = training_rows(X, cfg.dtype, model.n_features_in_)
+    if data_fingerprint(rows) != ckpt.data["fingerprint"]:
         raise ValueError(f"X: not the data the checkpoint {path} was trained on (expected shape "
                          f"{tuple(ckpt.data['fingerprint']['shape'])} and the same rows, got "
-                         f"shape {X.shape})")
+                         f"shape {rows.shape})")
     held_out = ckpt.data["validation_rows"]
     X_val = None
     if held_out is not None:
         if validation_data is not None:
             raise ValueError("validation_data: this run holds out validation_split of X; "
                              "resume it without validation_data")
-        X, X_val = split_rows(X, held_out)
+        train_X, X_val = split_rows(rows.X, held_out)
+        rows = ArrayRows(train_X)
     elif validation_data is not None:
-        X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, X.shape[1])
+        X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, rows.shape[1])
     if train_cfg.early_stopping_patience and X_val is None:
         raise ValueError("validation_data: this run uses early stopping; resume it with the "
                          "same validation_data")
-    model._train(X, X_val, train_cfg, callback, Path(path), ckpt.data, ckpt.position)
+    model._train(rows, X_val, train_cfg, callback, Path(path), ckpt.data, ckpt.position)
     return model

@@ -18,13 +18,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from .config import ModelConfig, TrainConfig
 from .metrics import fraction_of_variance_explained
 from .schedules import make_schedule
+from .validation import as_float_matrix
 
 if TYPE_CHECKING:
     from .model import SparseAutoencoder
@@ -102,6 +103,92 @@ def total_variance(X: np.ndarray, chunk: int = 8192) -> float:
         centered = X[start:start + chunk] - mean
         total += float(np.einsum("ij,ij->", centered, centered))
     return total
+
+
+INIT_SAMPLE_ROWS = 65536
+"""Rows of a stream used where a whole in-memory array would be (b_dec_init, batchtopk's
+threshold calibration): the first ones of the file."""
+
+
+class ArrayRows:
+    """Training data held in memory: batches are rows gathered in each epoch's order."""
+
+    def __init__(self, X: np.ndarray) -> None:
+        self.X = X
+        self.shape: tuple[int, int] = X.shape
+
+    def batches(self, batch_size: int, seed: int | None, skip: int = 0) -> Iterator[np.ndarray]:
+        """The epoch whose shuffle is drawn from ``seed`` (None: in order), without its first
+        ``skip`` batches."""
+        order = epoch_order(self.shape[0], seed)
+        for start in range(skip * batch_size, self.shape[0], batch_size):
+            stop = min(start + batch_size, self.shape[0])
+            yield self.X[order[start:stop]] if order is not None else self.X[start:stop]
+
+    def total_variance(self) -> float:
+        return total_variance(self.X)
+
+    def sample(self) -> np.ndarray:
+        """The rows that stand for the data in one-off estimates: all of them."""
+        return self.X
+
+    def row(self, i: int) -> np.ndarray:
+        return self.X[i]
+
+
+class StreamRows:
+    """Training data streamed from a .npy file (``ksae.NpyRowStream``) a window at a time, so
+    memory stays far below the file's size. The whole file is read once up front, for its
+    column statistics, which also proves it holds no NaN or infinity. Shuffling is by
+    blocks within a window (see ``NpyRowStream.iter_batches``)."""
+
+    def __init__(self, stream: Any, dtype: np.dtype | str, name: str = "X") -> None:
+        self.stream, self.dtype = stream, np.dtype(dtype)
+        self.shape = (stream.n_rows, stream.n_features)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: reported below
+            stats = stream.column_statistics()
+        self._total_variance = float(stats.variance.sum() * stats.n_rows)
+        if not (np.isfinite(stats.mean).all() and np.isfinite(self._total_variance)):
+            self._raise_first_bad_row(name)
+
+    def _raise_first_bad_row(self, name: str) -> None:
+        start = 0
+        for chunk in self.stream.iter_chunks(4096):
+            bad = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+            if bad.size:
+                raise ValueError(f"{name}: row {start + int(bad[0])} of {self.stream.path} contains "
+                                 "NaN or infinity; clean or drop such rows first")
+            start += len(chunk)
+        raise ValueError(f"{name}: the values of {self.stream.path} overflow float64 sums; rescale the data")
+
+    def batches(self, batch_size: int, seed: int | None, skip: int = 0) -> Iterator[np.ndarray]:
+        batches = self.stream.iter_batches(batch_size, shuffle=seed is not None, rng=seed)
+        for index, batch in enumerate(batches):
+            if index >= skip:
+                yield np.ascontiguousarray(batch, dtype=self.dtype)
+
+    def total_variance(self) -> float:
+        return self._total_variance
+
+    def sample(self) -> np.ndarray:
+        rows = self.stream.read(0, min(self.shape[0], INIT_SAMPLE_ROWS))
+        return np.ascontiguousarray(rows, dtype=self.dtype)
+
+    def row(self, i: int) -> np.ndarray:
+        return np.ascontiguousarray(self.stream.read(i, i + 1)[0], dtype=self.dtype)
+
+
+def training_rows(X: Any, dtype: np.dtype | str, n_features: int | None = None) -> ArrayRows | StreamRows:
+    """Training data as rows to draw batches from: an ``NpyRowStream`` is streamed, anything
+    else is checked and converted once by ``as_float_matrix``."""
+    from .array_files import NpyRowStream
+
+    if isinstance(X, NpyRowStream):
+        if n_features is not None and X.n_features != n_features:
+            raise ValueError(f"X: expected {n_features} features (the model's d_in), got "
+                             f"{X.n_features} in {X.path}")
+        return StreamRows(X, dtype)
+    return ArrayRows(as_float_matrix(X, "X", dtype, n_features))
 
 
 def validation_rows(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -224,15 +311,15 @@ def epoch_order(n: int, seed: int | None) -> np.ndarray | None:
     return None if seed is None else np.random.default_rng(seed).permutation(n)
 
 
-def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
+def train(model: "SparseAutoencoder", rows: ArrayRows | StreamRows, X_val: np.ndarray | None,
           train_cfg: TrainConfig, cfg: ModelConfig, callback: Callback | None, *,
           position: TrainingPosition | None = None, checkpoint: Path | None = None,
           save: Callable[[Path, TrainingPosition], None] | None = None) -> None:
-    """Run ``model`` on X up to ``train_cfg.epochs`` epochs (already validated and
-    initialised), from ``position`` when resuming. With ``checkpoint``, ``save(checkpoint,
+    """Run ``model`` on the training ``rows`` up to ``train_cfg.epochs`` epochs (already
+    validated and initialised), from ``position`` when resuming. With ``checkpoint``, ``save(checkpoint,
     position)`` is called every ``checkpoint_every`` steps, at the end of each epoch and when
     Ctrl-C stops training (which then raises TrainingInterrupted)."""
-    n, d = X.shape
+    n, d = rows.shape
     total_steps = train_cfg.epochs * math.ceil(n / train_cfg.batch_size)
     if train_cfg.k_start is not None and not cfg.k <= train_cfg.k_start <= cfg.n_latents:
         raise ValueError(f"k_start: expected k = {cfg.k} <= k_start <= n_latents = "
@@ -240,7 +327,7 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
     schedule = make_schedule(train_cfg.schedule, train_cfg.lr, total_steps=total_steps,
                              warmup_steps=train_cfg.warmup_steps, step_size=train_cfg.lr_step_size,
                              gamma=train_cfg.lr_gamma, min_lr=train_cfg.min_lr)
-    variance_per_sample = total_variance(X) / n
+    variance_per_sample = rows.total_variance() / n
     pos = position or TrainingPosition(
         stopper=EarlyStopping(train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta)
         if train_cfg.early_stopping_patience else None)
@@ -262,10 +349,7 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
                 pos.epoch_seed = int(model._rng.integers(2**63)) if train_cfg.shuffle else None
                 pos.epoch_stats = RunningStats(cfg.n_latents, d)
                 pos.step_stats = RunningStats(cfg.n_latents, d)
-            order = epoch_order(n, pos.epoch_seed)
-            for start in range(pos.batches_done * train_cfg.batch_size, n, train_cfg.batch_size):
-                stop = min(start + train_cfg.batch_size, n)
-                batch = X[order[start:stop]] if order is not None else X[start:stop]
+            for batch in rows.batches(train_cfg.batch_size, pos.epoch_seed, pos.batches_done):
                 optimizer.lr = schedule(optimizer.n_steps)
                 k = curriculum_k(cfg.k, train_cfg, model.n_iter_, total_steps)
                 result = model._train_step(batch, cfg, train_cfg, k)
@@ -308,4 +392,4 @@ def train(model: "SparseAutoencoder", X: np.ndarray, X_val: np.ndarray | None,
             for name, best in pos.stopper.best_params.items():
                 np.copyto(model._params[name], best)
     if cfg.sparsity == "batchtopk":
-        model.calibrate_threshold(X)
+        model.calibrate_threshold(rows.sample())
