@@ -94,6 +94,7 @@ def bench_shape(shape, impls: list[str], losses: dict[str, float], args) -> dict
     """Time every implementation at ``shape`` in interleaved rounds of fresh child processes."""
     samples: dict[str, list[float]] = {impl: [] for impl in impls}
     peaks: dict[str, float] = {impl: 0.0 for impl in impls}
+    imports: dict[str, float] = {}
     threads: dict[str, str] = {}
     spec = ",".join(map(str, shape))
     for r in range(args.repeats):
@@ -106,17 +107,18 @@ def bench_shape(shape, impls: list[str], losses: dict[str, float], args) -> dict
                     (impl, child["loss"], losses[impl])
             samples[impl] += child["times"]
             peaks[impl] = max(peaks[impl], child["peak_mib"])
+            imports[impl] = child["imports_mib"]
             threads[impl] = child["threads"]
     return {"median_s": {impl: median(ts) for impl, ts in samples.items()},
             "calls": {impl: len(ts) for impl, ts in samples.items()},
-            "peak_mib": peaks, "threads": threads}
+            "peak_mib": peaks, "imports_mib": imports, "threads": threads}
 
 
 def table_row(spec: str, r: dict[str, Any]) -> str:
-    t, peak = r["median_s"], r["peak_mib"]
+    t, peak, imports = r["median_s"], r["peak_mib"], r["imports_mib"]
     ms = lambda impl: f"{t[impl] * 1e3:.1f} ms" if impl in t else "n/a"
     ratio = lambda a, b: f"{t[a] / t[b]:.2f}x" if a in t and b in t else "n/a"
-    mib = lambda impl: f"{peak[impl]:.0f}" if impl in peak else "n/a"
+    mib = lambda impl: f"{peak[impl]:.0f} ({imports[impl]:.0f})" if impl in peak else "n/a"
     return (f"| {spec.replace(',', ', ')} | {ms('floor')} | {ms('ksae')} | {ratio('ksae', 'floor')} | "
             f"{ms('torch_sparse')} | {ratio('torch_sparse', 'ksae')} | {ms('torch_idiomatic')} | "
             f"{ratio('torch_idiomatic', 'ksae')} | {ms('numpy')} | {ratio('numpy', 'ksae')} | "
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
     print()
     print("| batch, d_in, n_latents, k | X @ W_enc (floor) | ksae step | ksae / floor | "
           "torch sparse-aware | torch sparse / ksae | torch idiomatic | torch idiomatic / ksae | "
-          "NumPy step | NumPy / ksae | peak RSS ksae / torch sparse / torch idiomatic |")
+          "NumPy step | NumPy / ksae | peak RSS (after imports) ksae / torch sparse / torch idiomatic |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results, thread_settings = {}, {}
     for shape in shapes:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import limit_blas_threads, parse_shape, peak_rss_mib, time_calls  # noqa: E402
+from harness import current_rss_mib, limit_blas_threads, parse_shape, peak_rss_mib, time_calls  # noqa: E402
 
 LR = 1e-3
 MODELS = ("ksae", "numpy", "torch_idiomatic", "torch_sparse")
@@ -127,8 +127,12 @@ def thread_settings(impl: str, threads: int) -> str:
 
 def time_one(impl: str, shape, threads: int, seconds: float, warmup: float) -> dict[str, Any]:
     """Time ``impl`` at ``shape`` in this process: its initial loss, the timed calls, the
-    peak resident memory and the thread settings."""
+    peak resident memory, the resident memory after the imports (PyTorch alone takes
+    hundreds of MiB) and the thread settings."""
     settings = thread_settings(impl, threads)
+    import ksae  # noqa: F401  (every child loads it for the initial weights)
+
+    imports_mib = current_rss_mib()  # interpreter and libraries, before any array exists
     X, sae = make_problem(shape, threads)
     weights = ksae_weights(sae)
     if impl != "ksae":
@@ -139,7 +143,8 @@ def time_one(impl: str, shape, threads: int, seconds: float, warmup: float) -> d
     loss = step.loss() if step.loss else None
     times = time_calls(step.run, seconds=seconds, warmup=warmup)
     return {"impl": impl, "shape": list(shape), "threads": settings, "loss": loss,
-            "optimizer": step.optimizer, "times": times, "peak_mib": peak_rss_mib()}
+            "optimizer": step.optimizer, "times": times, "peak_mib": peak_rss_mib(),
+            "imports_mib": imports_mib}
 
 
 def relative(a: float, b: float) -> float:
