@@ -112,8 +112,9 @@ def library(impl: str) -> str:
 
 
 def thread_settings(impl: str, threads: int) -> str:
-    """Pin the library ``impl`` uses to ``threads`` (the environment variables were set by
-    the parent) and say what is in effect."""
+    """Pin the library that ``impl`` (an implementation or a library name) uses to
+    ``threads`` (the environment variables were set by the parent) and say what is in
+    effect."""
     if library(impl) == "torch":
         from torch_sae import set_threads
 
@@ -173,7 +174,7 @@ def check(shape, threads: int, impls: list[str]) -> dict[str, Any]:
     ksae's. ksae goes first and is the reference; the others are built and freed one at a
     time so that the largest shapes fit."""
     # PyTorch first: its thread pools must be sized before anything runs in parallel.
-    used = sorted({library(impl) for impl in impls}, key=lambda lib: lib != "torch")
+    used = sorted({"ksae", *map(library, impls)}, key=lambda lib: lib != "torch")
     settings = {lib: thread_settings(lib, threads) for lib in used}
     X, sae = make_problem(shape, threads)
     before = ksae_weights(sae)
