@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import limit_blas_threads, machine, median, peak_rss_mib, pin_threads, time_calls  # noqa: E402
 
 DEFAULT_SHAPES = ["256,784,1000,25", "256,784,4096,32", "1024,768,16384,32"]
 
@@ -36,33 +36,6 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--ksae-child", help=argparse.SUPPRESS)  # internal: time ksae at one shape
     return ap.parse_args(argv)
-
-
-def pin_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-
-def time_calls(fn, seconds: float = 0.5, warmup: float = 0.5) -> list[float]:
-    """Timings of repeated calls to fn filling about `seconds`, after calling it for about
-    `warmup` seconds untimed (allocation, page faults and the first slow calls of a fresh
-    process: a 4.5 ms step here takes 8 ms for its first ~0.2 s)."""
-    start = time.perf_counter()
-    fn()
-    while time.perf_counter() - start < warmup:
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while not times or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def median(samples: list[float]) -> float:
-    return sorted(samples)[len(samples) // 2]
 
 
 def make_problem(shape, seed=0):
@@ -94,16 +67,6 @@ def ksae_child(shape, threads) -> None:
               "ksae_encode": time_calls(lambda: sae.encode(X))}
     result["ksae_peak_mib"] = peak_rss_mib()
     print(json.dumps(result))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, which on
-    Linux carries the parent's peak across fork+exec, it counts this process only."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_shape(shape, threads, rounds):
@@ -141,16 +104,6 @@ def bench_shape(shape, threads, rounds):
     return r
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     pin_threads(args.threads)
@@ -162,9 +115,10 @@ def main(argv=None) -> None:
     import ksae
 
     info = ksae.build_info()
+    blas = limit_blas_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"ksae {ksae.__version__} ({info}), numpy {np.__version__}, threads {args.threads} "
-          f"for ksae and NumPy's BLAS, medians over {args.repeats} alternating rounds")
+          f"for ksae and NumPy's BLAS ({blas}), medians over {args.repeats} alternating rounds")
     print()
     print("| batch, d_in, n_latents, k | X @ W_enc (floor) | ksae step | step / floor | NumPy step "
           "| NumPy / ksae step | ksae encode | encode / floor | NumPy encode | ksae peak RSS |")

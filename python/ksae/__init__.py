@@ -7,17 +7,24 @@ the estimator, training loop, losses, optimizers, data and command line.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 __version__ = "0.1.0"
 
 from . import _core
 from .config import ModelConfig, TrainConfig
-from .datasets import make_sparse_dictionary
+from .array_files import NpyRowStream, load_array
+from .datasets import ImageDataset, load_mnist, make_sparse_dictionary
+from .idx import read_idx
 from .metrics import dictionary_recovery, fraction_of_variance_explained
 from .model import SparseAutoencoder, SparseCode
 from .probe import LinearProbe
 from .classifier import SparseClassifier
 from .optim import SGD, Adam, RMSprop
+from .report import write_report
 from .serialization import load
+from .checkpoint import Checkpoint, load_checkpoint, resume
+from .training import TrainingInterrupted
 
 
 def has_openmp() -> bool:
@@ -31,8 +38,20 @@ def build_info() -> dict:
     return dict(_core.build_info())
 
 
+def __getattr__(name: str) -> ModuleType:
+    # ksae.plots imports matplotlib, which takes longer than the rest of ksae: it is loaded
+    # on first use of ksae.plots (or by import ksae.plots), not by import ksae.
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SparseAutoencoder", "SparseCode", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
-    "load", "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
+    "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
+    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "write_report",
     "has_openmp", "build_info", "__version__",
 ]

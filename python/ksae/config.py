@@ -215,6 +215,9 @@ class TrainConfig:
         "k curriculum: start training with this many active latents (>= k) ..."))
     k_anneal_fraction: float = field(default=0.5, metadata=_help(
         "... and anneal linearly to k over this fraction of the training steps"))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "with a checkpoint path, also save a checkpoint every this many steps (0: at the end "
+        "of each epoch and on Ctrl-C only)"))
     l0_coef: float = field(default=1e-3, metadata=_help(
         "sparsity='jumprelu': weight of the L0 penalty, l0_coef times the active latents per "
         "sample averaged over the batch (its gradient reaches the thresholds only)"))
@@ -275,6 +278,7 @@ class TrainConfig:
         if self.auxk_k is not None:
             self.auxk_k = check_int("auxk_k", self.auxk_k, 1)
         self.resample_every = check_int("resample_every", self.resample_every, 0)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
         if self.k_start is not None:
             self.k_start = check_int("k_start", self.k_start, 1)
         self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)

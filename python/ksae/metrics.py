@@ -19,10 +19,16 @@ def fraction_of_variance_explained(X: np.ndarray, X_hat: np.ndarray) -> float:
 def dictionary_recovery(true_directions: np.ndarray, W_dec: np.ndarray) -> float:
     """Mean over the true directions (rows) of the best cosine similarity with any learned
     decoder row: 1 when every true direction is matched exactly by some latent."""
+    return float(best_cosine_similarities(true_directions, W_dec).mean())
+
+
+def best_cosine_similarities(true_directions: np.ndarray, W_dec: np.ndarray) -> np.ndarray:
+    """For each true direction (row), its largest cosine similarity with any learned decoder
+    row: an array of shape (n_directions,) whose mean is ``dictionary_recovery``."""
     T = np.asarray(true_directions, dtype=np.float64)
     D = np.asarray(W_dec, dtype=np.float64)
     if T.ndim != 2 or D.ndim != 2 or T.shape[1] != D.shape[1]:
         raise ValueError(f"true_directions, W_dec: expected 2-D arrays of equal width, got {T.shape} and {D.shape}")
     T = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-300)
     D = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-300)
-    return float((T @ D.T).max(axis=1).mean())
+    return (T @ D.T).max(axis=1)

@@ -13,6 +13,7 @@ import numpy as np
 from . import _core
 from .config import (DENSE_SPARSITIES, NEEDS_SELECTED_PRE, ModelConfig, TrainConfig,
                      check_known_keys, field_names)
+from .checkpoint import data_fingerprint, save_checkpoint
 from .buffers import aligned_copy, aligned_empty, as_aligned
 from . import training
 from .hygiene import initial_decoder_bias, normalize_rows
@@ -194,36 +195,62 @@ class SparseAutoencoder:
     def fit(self, X: Any, *, epochs: int = 10, batch_size: int = 256, lr: float = 1e-3,
             optimizer: str = "adam", shuffle: bool = True, validation_data: Any = None,
             callback: Callable[[dict[str, Any]], None] | None = None,
-            **options: Any) -> "SparseAutoencoder":
-        """Initialise the weights and train for ``epochs`` passes over ``X``.
+            checkpoint: str | Path | None = None, **options: Any) -> "SparseAutoencoder":
+        """Initialise the weights and train for ``epochs`` passes over ``X``: an array, or a
+        ``ksae.NpyRowStream`` to train from a .npy file larger than memory (batches are read
+        a window at a time and shuffled by blocks; ``b_dec_init`` and batchtopk's threshold
+        then use the file's first 65536 rows).
 
         ``options`` are the other :class:`ksae.config.TrainConfig` fields (loss, penalties,
         input dropout, schedule, clipping, validation split, early stopping, AuxK,
         resampling, k curriculum, ...; the README lists each with its default).
-        ``validation_data`` (or ``validation_split``) is scored after each epoch. ``callback`` receives every history record (see ``ksae.training``). Returns
-        self; per-epoch figures are in ``history_``, per-``log_every``-steps ones in
+        ``validation_data`` (or ``validation_split``) is scored after each epoch.
+        ``callback`` receives every history record (see ``ksae.training``). Returns self;
+        per-epoch figures are in ``history_``, per-``log_every``-steps ones in
         ``step_history_``.
+
+        With ``checkpoint`` (a file path), the full training state is saved there at the end
+        of each epoch, every ``checkpoint_every`` steps, and when Ctrl-C interrupts training
+        (which finishes the step in progress, saves, and raises ``TrainingInterrupted``);
+        ``ksae.resume(checkpoint, X)`` continues such a run exactly.
         """
         check_known_keys("fit", options, field_names(TrainConfig))
         train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                                 shuffle=shuffle, **options)
         cfg = self.config
-        X = as_float_matrix(X, "X", cfg.dtype)
+        rows = training.training_rows(X, cfg.dtype)
         self._rng = np.random.default_rng(cfg.random_state)
-        X_val = None
+        X_val, held_out = None, None
         if validation_data is not None:
             if train_cfg.validation_split:
                 raise ValueError("validation_split: give validation_data or validation_split, not both")
-            X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, X.shape[1])
+            X_val = as_float_matrix(validation_data, "validation_data", cfg.dtype, rows.shape[1])
         elif train_cfg.validation_split:
-            X, X_val = training.split_validation(X, train_cfg.validation_split, self._rng)
-        if train_cfg.early_stopping_patience and X_val is None:
+            if not isinstance(rows, training.ArrayRows):
+                raise ValueError("validation_split: a streamed X cannot be split; pass "
+                                 "validation_data (rows read into memory) instead")
+            held_out = training.validation_rows(rows.shape[0], train_cfg.validation_split, self._rng)
+        if train_cfg.early_stopping_patience and X_val is None and held_out is None:
             raise ValueError("early_stopping_patience: early stopping needs validation_data "
                              "or validation_split > 0")
-        self._initialize(X.shape[1], cfg, X)
+        data = {"fingerprint": data_fingerprint(rows), "validation_rows": held_out}
+        if held_out is not None:
+            train_X, X_val = training.split_rows(rows.X, held_out)
+            rows = training.ArrayRows(train_X)
+        self._initialize(rows.shape[1], cfg, rows.sample())
         self._optimizer = make_optimizer(train_cfg)
-        training.train(self, X, X_val, train_cfg, cfg, callback)
+        self._train(rows, X_val, train_cfg, callback, checkpoint, data)
         return self
+
+    def _train(self, rows: "training.ArrayRows | training.StreamRows", X_val: np.ndarray | None,
+               train_cfg: TrainConfig, callback: Callable[[dict[str, Any]], None] | None,
+               checkpoint: str | Path | None, data: dict[str, Any],
+               position: "training.TrainingPosition | None" = None) -> None:
+        def save(path: Path, pos: training.TrainingPosition) -> None:
+            save_checkpoint(path, self, train_cfg, pos, data)
+
+        training.train(self, rows, X_val, train_cfg, self.config, callback, position=position,
+                       checkpoint=None if checkpoint is None else Path(checkpoint), save=save)
 
     def partial_fit(self, X: Any, *, lr: float = 1e-3, optimizer: str = "adam",
                     **options: Any) -> "SparseAutoencoder":
