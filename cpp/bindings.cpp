@@ -295,15 +295,51 @@ struct OptimizerArrays {
   }
 };
 
+// The rows a lazy update touches: a 1-D int64 array of strictly increasing indices into the
+// parameter's rows (a vector's elements count as rows of one).
+struct OnlyRows {
+  const ksae::LatentIndex* data = nullptr;
+  Index size = 0;
+  OnlyRows(const py::object& obj, Index n_rows) {
+    if (obj.is_none()) return;
+    if (!py::isinstance<py::array_t<ksae::LatentIndex>>(obj)) {
+      throw py::type_error("rows: expected a 1-D int64 array or None, got " +
+                           std::string(py::str(py::type::of(obj).attr("__name__"))));
+    }
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    if (arr.ndim() != 1) throw py::value_error("rows: expected a 1-D array");
+    size = static_cast<Index>(arr.shape(0));
+    data = checked<ksae::LatentIndex>(obj, "rows", {size});
+    for (Index i = 0; i < size; ++i) {
+      if (data[i] < 0 || data[i] >= n_rows || (i > 0 && data[i] <= data[i - 1])) {
+        throw py::value_error("rows: expected strictly increasing indices in [0, " +
+                              std::to_string(n_rows) + "), got " + std::to_string(data[i]) +
+                              " at position " + std::to_string(i));
+      }
+    }
+  }
+};
+
 template <class T>
 void adam_impl(const py::object& param, const py::object& grad, const py::object& m,
                const py::object& v, const ksae::AdamSettings& s, bool unit_norm_rows,
-               int n_threads) {
+               int n_threads, const py::object& rows) {
   const OptimizerArrays<T> a(param, grad);
   T* mm = a.state(m, "exp_avg");
   T* vv = a.state(v, "exp_avg_sq");
+  const bool vector = a.shape.size() == 1;
+  const Index n_rows = vector ? a.cols : a.rows, n_cols = vector ? 1 : a.cols;
+  const OnlyRows only(rows, n_rows);
+  if (vector && unit_norm_rows && !rows.is_none()) {
+    throw py::value_error("unit_norm_rows: a vector has no rows to normalise");
+  }
   py::gil_scoped_release release;
-  ksae::adam_update<T>(a.param, a.grad, mm, vv, a.rows, a.cols, s, unit_norm_rows, n_threads);
+  if (rows.is_none()) {
+    ksae::adam_update<T>(a.param, a.grad, mm, vv, a.rows, a.cols, s, unit_norm_rows, n_threads);
+  } else {
+    ksae::adam_update<T>(a.param, a.grad, mm, vv, n_rows, n_cols, s, unit_norm_rows, n_threads,
+                         only.data, only.size);
+  }
 }
 
 template <class T>
@@ -483,17 +519,20 @@ PYBIND11_MODULE(_core, m) {
       "adam_update",
       [](const py::object& param, const py::object& grad, const py::object& exp_avg,
          const py::object& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-         double weight_decay, long long step, bool unit_norm_rows, int n_threads) {
+         double weight_decay, long long step, bool unit_norm_rows, int n_threads,
+         const py::object& rows) {
         const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
         check_adam(s);
-        if (is_float32(param)) adam_impl<float>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads);
-        else adam_impl<double>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads);
+        if (is_float32(param)) adam_impl<float>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads, rows);
+        else adam_impl<double>(param, grad, exp_avg, exp_avg_sq, s, unit_norm_rows, n_threads, rows);
       },
       py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
       py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
       py::arg("weight_decay"), py::arg("step"), py::arg("unit_norm_rows") = false,
-      py::arg("n_threads") = 0,
-      "One fused Adam/AdamW update in place (PyTorch's formulation); `step` counts from 1.");
+      py::arg("n_threads") = 0, py::arg("rows") = py::none(),
+      "One fused Adam/AdamW update in place (PyTorch's formulation); `step` counts from 1.\n"
+      "With `rows` (strictly increasing int64 indices), only those rows (elements of a vector)\n"
+      "are updated; the rest, moments included, are left as they are (lazy Adam).");
 
   m.def(
       "sgd_update",

@@ -247,3 +247,19 @@ def test_jumprelu_validation(data):
     with pytest.raises(ValueError, match="^sparsity: the model's weights are not those of a "
                                          "sparsity='jumprelu' model"):
         topk.encode(data[:5])
+
+
+def test_jumprelu_lazy_adam_leaves_unselected_thresholds_alone(rng):
+    # lazy_adam updates only the latents a step selected: their thresholds too. (A dense
+    # update would move the others' on the momentum of earlier steps.)
+    X = rng.standard_normal((40, 12)).astype(np.float32)
+    sae = ksae.SparseAutoencoder(64, 1, sparsity="jumprelu", max_k=2, random_state=0, n_threads=1)
+    options = dict(lazy_adam=True, jumprelu_bandwidth=1.0, l0_coef=0.1)
+    sae.partial_fit(X[:32], **options)
+    before = sae.log_threshold_.copy()
+    selected = np.unique(sae.encode(X[32:34]).indices)
+    sae.partial_fit(X[32:34], **options)
+    others = np.setdiff1d(np.arange(64), selected)
+    assert np.count_nonzero(sae._optimizer.state["log_threshold"]["exp_avg"][others]) > 10
+    np.testing.assert_array_equal(sae.log_threshold_[others], before[others])
+    assert not np.array_equal(sae.log_threshold_[selected], before[selected])

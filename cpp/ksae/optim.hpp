@@ -67,19 +67,39 @@ inline void adam_span(T* __restrict param, const T* __restrict grad, T* __restri
   }
 }
 
+//
+// Lazy variant: with `only_rows` (n_only increasing row indices), only those rows are read
+// and written; the others keep their parameters and moments as they are (no decay, no
+// momentum step), as TensorFlow's LazyAdam does. A TopK step touches the rows of the latents
+// its batch selected, so for a large dictionary this skips most of the memory traffic.
 template <class T>
 void adam_update(T* param, const T* grad, T* m, T* v, Index rows, Index cols,
-                 const AdamSettings& s, bool unit_norm_rows, int n_threads) {
+                 const AdamSettings& s, bool unit_norm_rows, int n_threads,
+                 const LatentIndex* only_rows = nullptr, Index n_only = 0) {
   const T b1 = T(s.beta1), b2 = T(s.beta2), eps = T(s.eps);
   const T one_minus_b1 = T(1.0 - s.beta1), one_minus_b2 = T(1.0 - s.beta2);
   const T step_size = T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
   const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
   const T decay = T(1.0 - s.lr * s.weight_decay);
-  for_each_span(rows, cols, unit_norm_rows, n_threads, [=](Index begin, Index end, bool row) {
+  auto update = [=](Index begin, Index end, bool row) {
     adam_span(param, grad, m, v, begin, end, b1, one_minus_b1, b2, one_minus_b2, eps, step_size,
               inv_sqrt_bc2, decay);
     if (row) normalize_span(param, begin, end);
-  });
+  };
+  if (only_rows == nullptr) {
+    for_each_span(rows, cols, unit_norm_rows, n_threads, update);
+    return;
+  }
+  const int nt = threads_for(n_threads, double(n_only) * double(cols), 1 << 15);
+#pragma omp parallel num_threads(nt)
+  {
+    FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (Index i = 0; i < n_only; ++i) {
+      const Index r = Index(only_rows[i]);
+      update(r * cols, (r + 1) * cols, unit_norm_rows);
+    }
+  }
 }
 
 struct SgdSettings {

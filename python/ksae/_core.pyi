@@ -34,6 +34,7 @@ def adam_update(
     param: NDArray[np.floating], grad: NDArray[np.floating], exp_avg: NDArray[np.floating],
     exp_avg_sq: NDArray[np.floating], lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, step: int, unit_norm_rows: bool = False, n_threads: int = 0,
+    rows: NDArray[np.int64] | None = None,
 ) -> None: ...
 def sgd_update(
     param: NDArray[np.floating], grad: NDArray[np.floating],

@@ -215,6 +215,10 @@ class TrainConfig:
         "k curriculum: start training with this many active latents (>= k) ..."))
     k_anneal_fraction: float = field(default=0.5, metadata=_help(
         "... and anneal linearly to k over this fraction of the training steps"))
+    lazy_adam: bool = field(default=False, metadata=_help(
+        "adam/adamw: update only the latents a step selected (their W_enc and W_dec rows and "
+        "b_enc entries); faster for large dictionaries, but the others' moments do not decay "
+        "and their weights do not coast on momentum"))
     checkpoint_every: int = field(default=0, metadata=_help(
         "with a checkpoint path, also save a checkpoint every this many steps (0: at the end "
         "of each epoch and on Ctrl-C only)"))
@@ -279,6 +283,10 @@ class TrainConfig:
             self.auxk_k = check_int("auxk_k", self.auxk_k, 1)
         self.resample_every = check_int("resample_every", self.resample_every, 0)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
+        if not isinstance(self.lazy_adam, bool):
+            raise TypeError(f"lazy_adam: expected a bool, got {self.lazy_adam!r}")
+        if self.lazy_adam and self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"lazy_adam: lazy updates are for adam and adamw, not {self.optimizer!r}")
         if self.k_start is not None:
             self.k_start = check_int("k_start", self.k_start, 1)
         self.k_anneal_fraction = check_positive_float("k_anneal_fraction", self.k_anneal_fraction)

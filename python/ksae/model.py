@@ -429,11 +429,12 @@ class SparseAutoencoder:
             add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
         if train_cfg.clip_grad_norm is not None:
             self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
+        rows = self._touched_rows(indices, train_cfg) if train_cfg.lazy_adam else None
         active = active_mask(values, cfg)
         self.samples_since_fired_ += batch.shape[0]
         self.samples_since_fired_[indices[active]] = 0
         self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
-                             else frozenset(), n_threads=nt)
+                             else frozenset(), n_threads=nt, rows=rows)
         self.n_iter_ += 1
         return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
 
@@ -455,6 +456,20 @@ class SparseAutoencoder:
         gap, indices = _core.encode(X, p["W_enc_t"], p["b_enc"] - threshold, p["b_dec"], width,
                                     "linear", nt, ws["centered"], ws["pre"])
         return jumprelu_values(gap, indices, threshold), indices, gap
+
+    def _touched_rows(self, indices: np.ndarray, train_cfg: TrainConfig) -> dict[str, np.ndarray]:
+        """lazy_adam: the latents whose parameters received gradient this step (those the
+        batch selected, and with AuxK every dead latent, a superset of those it selected),
+        per per-latent parameter."""
+        touched = np.zeros(self.samples_since_fired_.shape[0], dtype=bool)
+        touched[indices.reshape(-1)] = True
+        if train_cfg.auxk_coef > 0:
+            touched |= self.samples_since_fired_ >= train_cfg.dead_after_samples
+        latents = np.flatnonzero(touched).astype(np.int64)
+        rows = {"W_enc_t": latents, "W_dec": latents, "b_enc": latents}
+        if "log_threshold" in self._params:  # jumprelu: a threshold moves with its latent
+            rows["log_threshold"] = latents
+        return rows
 
     @staticmethod
     def code_width(cfg: ModelConfig, k: int | None = None) -> int:

@@ -29,18 +29,22 @@ class Optimizer(ABC):
         self.state: dict[str, dict[str, np.ndarray]] = {}
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], *,
-             unit_norm_rows: frozenset[str] = frozenset(), n_threads: int = 0) -> None:
+             unit_norm_rows: frozenset[str] = frozenset(), n_threads: int = 0,
+             rows: dict[str, np.ndarray] | None = None) -> None:
         """Apply one update to every parameter in ``params`` from ``grads`` (same keys).
         Parameters named in ``unit_norm_rows`` have their rows rescaled to unit norm after
-        the update."""
+        the update. ``rows`` names, per parameter, the rows (strictly increasing int64
+        indices) that received gradient; a lazy optimizer updates only those."""
         self.n_steps += 1
+        rows = rows or {}
         for name, param in params.items():
-            self._update(name, param, grads[name], name in unit_norm_rows, n_threads)
+            self._update(name, param, grads[name], name in unit_norm_rows, n_threads, rows.get(name))
 
     @abstractmethod
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray, unit_norm: bool,
-                n_threads: int) -> None:
-        """Update one parameter in place from its gradient."""
+                n_threads: int, rows: np.ndarray | None) -> None:
+        """Update one parameter in place from its gradient (lazily, on ``rows`` only, where
+        the optimizer supports it)."""
 
     def _buffer(self, name: str, key: str, like: np.ndarray) -> np.ndarray:
         slot = self.state.setdefault(name, {})
@@ -69,7 +73,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.weight_decay = check_positive_float("weight_decay", weight_decay, allow_zero=True)
 
-    def _update(self, name, param, grad, unit_norm, n_threads):
+    def _update(self, name, param, grad, unit_norm, n_threads, rows):
         buf = self._buffer(name, "momentum_buffer", param) if self.momentum else None
         _core.sgd_update(param, grad, buf, self.lr, self.momentum, self.nesterov,
                          self.weight_decay, unit_norm, n_threads)
@@ -81,13 +85,16 @@ class SGD(Optimizer):
 
 class Adam(Optimizer):
     """Adam, as ``torch.optim.Adam`` computes it; with ``weight_decay`` the decay is
-    decoupled from the gradient (AdamW)."""
+    decoupled from the gradient (AdamW). With ``lazy``, a step updates only the rows named
+    in ``step(rows=...)`` (TensorFlow's LazyAdam): the other rows' weights and moments stay
+    as they are instead of decaying and coasting on momentum."""
 
     name = "adam"
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, lazy: bool = False) -> None:
         super().__init__(lr)
+        self.lazy = bool(lazy)
         for i, b in enumerate(betas):
             if not 0 <= b < 1:
                 raise ValueError(f"betas[{i}]: expected 0 <= beta < 1, got {b}")
@@ -95,15 +102,16 @@ class Adam(Optimizer):
         self.eps = check_positive_float("eps", eps)
         self.weight_decay = check_positive_float("weight_decay", weight_decay, allow_zero=True)
 
-    def _update(self, name, param, grad, unit_norm, n_threads):
+    def _update(self, name, param, grad, unit_norm, n_threads, rows):
         m = self._buffer(name, "exp_avg", param)
         v = self._buffer(name, "exp_avg_sq", param)
         _core.adam_update(param, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps,
-                          self.weight_decay, self.n_steps, unit_norm, n_threads)
+                          self.weight_decay, self.n_steps, unit_norm, n_threads,
+                          rows if self.lazy else None)
 
     def hyperparameters(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, "lazy": self.lazy}
 
 
 class RMSprop(Optimizer):
@@ -131,7 +139,7 @@ class RMSprop(Optimizer):
             raise ValueError(f"momentum: expected 0 <= momentum < 1, got {momentum}")
         self.weight_decay = check_positive_float("weight_decay", weight_decay, allow_zero=True)
 
-    def _update(self, name, param, grad, unit_norm, n_threads):
+    def _update(self, name, param, grad, unit_norm, n_threads, rows):
         square_avg = self._buffer(name, "square_avg", param)
         buf = self._buffer(name, "momentum_buffer", param) if self.momentum else None
         _core.rmsprop_update(param, grad, square_avg, buf, self.lr, self.alpha, self.eps,
@@ -176,4 +184,5 @@ def make_optimizer(config: TrainConfig) -> Optimizer:
     if name == "rmsprop":
         # config.momentum is SGD's (default 0.9); RMSprop keeps torch's default of none.
         return RMSprop(config.lr, weight_decay=config.weight_decay)
-    return Adam(config.lr, weight_decay=config.weight_decay if name == "adamw" else 0.0)
+    return Adam(config.lr, weight_decay=config.weight_decay if name == "adamw" else 0.0,
+                lazy=config.lazy_adam)

@@ -210,8 +210,18 @@ def jumprelu_threshold_gradient(pre: np.ndarray, threshold: np.ndarray, grad_z: 
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=0.0, step: int, unit_norm_rows: bool = False) -> None:
-    """Adam/AdamW in place, PyTorch's formulation (decoupled weight decay)."""
+                weight_decay=0.0, step: int, unit_norm_rows: bool = False, rows=None) -> None:
+    """Adam/AdamW in place, PyTorch's formulation (decoupled weight decay); with ``rows``,
+    on those rows (elements of a vector) only (lazy Adam)."""
+    if rows is not None:
+        arrays = [a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
+                  for a in (param, grad, exp_avg, exp_avg_sq)]
+        p, g, m, v = (a[rows] for a in arrays)
+        adam_update(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, step=step, unit_norm_rows=unit_norm_rows)
+        for full, part in zip(arrays, (p, g, m, v)):
+            full[rows] = part
+        return
     exp_avg *= beta1
     exp_avg += (1 - beta1) * grad
     exp_avg_sq *= beta2
