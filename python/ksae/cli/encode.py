@@ -16,6 +16,7 @@ SPLITS = ("train", "test", "all")
 
 
 def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``ksae encode``."""
     parser.add_argument("--out", type=Path, required=True,
                         help="the .npz file to write: values (n, k), indices (n, k) and, for "
                              "labelled data, labels (n,)")

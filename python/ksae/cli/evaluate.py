@@ -12,6 +12,7 @@ from .train import probe_accuracy, wants_probe, write_json
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``ksae evaluate``."""
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--probe", action="store_true",
                         help="also fit a linear probe (softmax regression) on the codes of the "

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import ModelConfig
 from .data import ExperimentData, load_data
 from .options import add_config_options
-from .train import add_common_arguments, resolve, train_run, write_json
+from .train import add_common_arguments, resolve, train_run, wants_probe, write_json
 
 
 def k_list(text: str) -> list[int]:
@@ -30,6 +30,7 @@ def k_list(text: str) -> list[int]:
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``ksae sweep``: those of ``ksae train`` with ``--k`` a list, less ``--resume``."""
     parser.add_argument("--k", type=k_list, required=True, metavar="K1,K2,...",
                         help="the values of k to train, comma-separated (one run each)")
     parser.add_argument("--out", type=Path, default=None,
@@ -74,8 +75,6 @@ def sweep_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         base, seed = resolve(args)
         configs = {k: base | {"model": ModelConfig(**{**asdict(base["model"]), "k": k})} for k in args.k}
         data = load_data(base["data"], seed, base["model"].dtype)
-        from .train import wants_probe
-
         wants_probe(args.probe, data)
     except (TypeError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
