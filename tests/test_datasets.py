@@ -462,6 +462,25 @@ def test_stream_describes_the_file(stream_file):
     assert NpyRowStream(str(path), dtype="float32").dtype == np.float32
 
 
+def test_stream_rows_view_a_range_of_the_file(stream_file):
+    path, X = stream_file
+    stream = NpyRowStream(path, rows=(20, 90))
+    assert (stream.n_rows, stream.shape, stream.rows) == (70, (70, 3), (20, 90))
+    assert repr(stream) == f"NpyRowStream({str(path)!r}, rows=(20, 90), shape=(70, 3), dtype=float64)"
+    np.testing.assert_array_equal(stream.read(0, 70), X[20:90])
+    np.testing.assert_array_equal(np.concatenate(list(stream.iter_chunks(16))), X[20:90])
+    shuffled = np.concatenate(list(stream.iter_batches(8, shuffle=True, rng=0, block_rows=5)))
+    np.testing.assert_array_equal(np.sort(shuffled[:, 0]), np.arange(20, 90))
+    stats = stream.column_statistics(chunk_rows=7)
+    np.testing.assert_allclose(stats.mean, X[20:90].mean(axis=0))
+    with pytest.raises(ValueError, match=r"rows stop \(file .* holds 103 rows\): expected an integer >= 21 and <= 103, got 104"):
+        NpyRowStream(path, rows=(20, 104))
+    with pytest.raises(ValueError, match="rows stop .*got 20"):
+        NpyRowStream(path, rows=(20, 20))
+    with pytest.raises(TypeError, match=r"rows: expected a \(start, stop\) tuple"):
+        NpyRowStream(path, rows=[0, 5])
+
+
 def test_stream_read_and_chunks(stream_file):
     path, X = stream_file
     stream = NpyRowStream(path)

@@ -135,9 +135,14 @@ class NpyRowStream:
 
     One iteration is one epoch: every row exactly once, in
     ``stream.batches_per_epoch(batch_size)`` batches of ``batch_size`` rows but the last.
+
+    ``rows=(start, stop)`` makes the stream a view of the file's rows ``start:stop``: row 0
+    of the stream is the file's row ``start``, and nothing outside the range is ever read
+    (so the last rows of a file can be held out as test data without copying the rest).
     """
 
-    def __init__(self, path: str | os.PathLike, *, dtype: str | np.dtype | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, dtype: str | np.dtype | None = None,
+                 rows: tuple[int, int] | None = None) -> None:
         self.path = _existing_file(path, (".npy",))
         with open(self.path, "rb") as f:
             stored, shape, self._offset = self._read_header(f)
@@ -145,13 +150,25 @@ class NpyRowStream:
         self._stored = stored
         self.dtype: np.dtype = _target_dtype(stored, dtype, str(self.path))
         """The dtype of the arrays this stream returns."""
-        self.n_rows, self.n_features = shape
+        file_rows, self.n_features = shape
         self._row_bytes = self.n_features * stored.itemsize
-        needed = self._offset + self.n_rows * self._row_bytes
+        needed = self._offset + file_rows * self._row_bytes
         size = self.path.stat().st_size
         if size < needed:
             raise ValueError(f"{self.path}: truncated .npy file: its header's shape {shape} of {stored} "
                              f"needs {needed} bytes, the file holds {size}")
+        self.rows: tuple[int, int] | None = None if rows is None else self._check_rows(rows, file_rows)
+        """The file's row range this stream views, or None for the whole file."""
+        start, stop = self.rows or (0, file_rows)
+        self.n_rows = stop - start
+        self._offset += start * self._row_bytes  # row 0 of the stream is the file's row start
+
+    def _check_rows(self, rows: object, file_rows: int) -> tuple[int, int]:
+        if not isinstance(rows, tuple) or len(rows) != 2:
+            raise TypeError(f"rows: expected a (start, stop) tuple, got {type(rows).__name__} {rows!r}")
+        start = check_int("rows start", rows[0], 0, file_rows - 1)
+        stop = check_int(f"rows stop (file {self.path} holds {file_rows} rows)", rows[1], start + 1, file_rows)
+        return (start, stop)
 
     def _read_header(self, f: BinaryIO) -> tuple[np.dtype, tuple[int, ...], int]:
         fmt = np.lib.format
@@ -184,7 +201,8 @@ class NpyRowStream:
         return self.n_rows
 
     def __repr__(self) -> str:
-        return f"NpyRowStream({str(self.path)!r}, shape={self.shape}, dtype={self.dtype.name})"
+        rows = f", rows={self.rows}" if self.rows is not None else ""
+        return f"NpyRowStream({str(self.path)!r}{rows}, shape={self.shape}, dtype={self.dtype.name})"
 
     def batches_per_epoch(self, batch_size: int) -> int:
         """Number of batches ``iter_batches(batch_size)`` yields: ceil(n_rows / batch_size)."""

@@ -301,24 +301,56 @@ class TrainConfig:
         self.kl_coef = check_positive_float("kl_coef", self.kl_coef, allow_zero=True)
 
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "array")
+IMAGE_DATASET_NAMES = ("mnist", "fashion-mnist")
+
+
+def _check_optional_str(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string or None, got {type(value).__name__} {value!r}")
+    return value
 
 
 @dataclass
 class DataConfig:
-    """The data an experiment trains on (``ksae-train``). ``synthetic`` draws samples from a
-    planted sparse dictionary (``ksae.make_sparse_dictionary``), so no network is needed."""
+    """The data an experiment trains on (``ksae train``): ``synthetic`` draws samples from a
+    planted sparse dictionary (``ksae.make_sparse_dictionary``, no network needed); ``mnist``
+    and ``fashion-mnist`` are the 28 x 28 image sets (``ksae.load_mnist``, pixels as float32
+    in [0, 1], with labels); ``array`` is a 2-D matrix in a ``.npy`` or ``.npz`` file."""
 
-    dataset: str = field(default="synthetic", metadata=_help("dataset to train on", choices=DATASETS))
+    dataset: str = field(default="synthetic", metadata=_help(
+        "dataset to train on: synthetic, mnist, fashion-mnist or array", choices=DATASETS))
+    path: str | None = field(default=None, metadata=_help(
+        "array: the .npy or .npz training file; mnist/fashion-mnist: a directory holding the "
+        "IDX files (default: search the system copy and the cache, then download)"))
+    test_path: str | None = field(default=None, metadata=_help(
+        "array: a separate .npy or .npz test file (default: hold out the last test_fraction "
+        "of the rows of path)"))
+    key: str | None = field(default=None, metadata=_help(
+        "array: name of the array in a .npz file (default: its only array)"))
+    stream: bool = field(default=False, metadata=_help(
+        "array: train from the .npy file without loading it into memory (ksae.NpyRowStream); "
+        "only the test rows are read into memory"))
+    download: bool = field(default=True, metadata=_help(
+        "mnist/fashion-mnist: download the files when no local copy is found"))
+    cache_dir: str | None = field(default=None, metadata=_help(
+        "mnist/fashion-mnist: download cache root (default: $KSAE_DATA or ~/.cache/ksae)"))
     n_samples: int = field(default=20000, metadata=_help("synthetic: number of samples"))
     d_in: int = field(default=64, metadata=_help("synthetic: input width"))
     n_components: int = field(default=128, metadata=_help("synthetic: ground-truth directions"))
     n_active: int = field(default=4, metadata=_help("synthetic: directions active per sample"))
     noise: float = field(default=0.01, metadata=_help("synthetic: Gaussian noise per feature"))
-    test_fraction: float = field(default=0.2, metadata=_help("fraction of samples held out for testing"))
+    test_fraction: float = field(default=0.2, metadata=_help(
+        "synthetic, and array without test_path: fraction of the samples held out for "
+        "testing (the last rows)"))
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
+        for name in ("path", "test_path", "key", "cache_dir"):
+            _check_optional_str(name, getattr(self, name))
+        for name in ("stream", "download"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         self.n_samples = check_int("n_samples", self.n_samples, 2)
         self.d_in = check_int("d_in", self.d_in, 1)
         self.n_components = check_int("n_components", self.n_components, 1)
@@ -327,6 +359,33 @@ class DataConfig:
         self.test_fraction = check_positive_float("test_fraction", self.test_fraction)
         if self.test_fraction >= 1:
             raise ValueError(f"test_fraction: expected 0 < test_fraction < 1, got {self.test_fraction}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        array_only = [name for name in ("test_path", "key") if getattr(self, name) is not None]
+        if self.stream:
+            array_only.append("stream")
+        if self.dataset != "array" and array_only:
+            raise ValueError(f"{', '.join(array_only)}: only used with dataset 'array', "
+                             f"not {self.dataset!r}")
+        if self.dataset == "synthetic" and self.path is not None:
+            raise ValueError("path: the synthetic dataset is generated, not read; "
+                             f"got path={self.path!r} (use dataset 'array' for a file)")
+        if self.dataset != "array":
+            return
+        if self.path is None:
+            raise ValueError("path: dataset 'array' needs path, a .npy or .npz file")
+        for name in ("path", "test_path"):
+            value = getattr(self, name)
+            if value is not None and not value.lower().endswith((".npy", ".npz")):
+                raise ValueError(f"{name}: expected a file ending in .npy or .npz, got {value!r}")
+        if self.stream and not self.path.lower().endswith(".npy"):
+            raise ValueError(f"stream: streaming reads a .npy file; path is {self.path!r} "
+                             "(convert it with np.save, or train without stream)")
+        if self.key is not None and not any(p is not None and p.lower().endswith(".npz")
+                                            for p in (self.path, self.test_path)):
+            raise ValueError(f"key: names an array in a .npz file, but no path is a .npz file "
+                             f"(path={self.path!r}, test_path={self.test_path!r})")
 
 
 def field_names(cls: type) -> list[str]:

@@ -1,0 +1,70 @@
+"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode`` and ``ksae sweep``.
+
+``ksae-train`` is ``ksae train``. Options of the model, training and data are generated from
+the configuration dataclasses (``ksae.config``, see ``ksae.cli.options``), so an option is
+written once, with its help text, and is a flag and a config-file key alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from .train import INTERRUPTED, Interrupted, add_train_arguments, train_command
+
+__all__ = ["main", "train_main", "build_parser"]
+
+Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ksae`` parser with one sub-parser per command."""
+    from .encode import add_encode_arguments, encode_command
+    from .evaluate import add_evaluate_arguments, evaluate_command
+    from .sweep import add_sweep_arguments, sweep_command
+
+    parser = argparse.ArgumentParser(
+        prog="ksae", description="Train, evaluate and apply k-sparse autoencoders.")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    specs: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = [
+        ("train", "train a model; write model, metrics, config, checkpoint, plots and report "
+                  "into a run directory", add_train_arguments, train_command),
+        ("evaluate", "test MSE, FVE, L0, dead fraction (and probe accuracy) of a saved model "
+                     "on a dataset's test split", add_evaluate_arguments, evaluate_command),
+        ("encode", "encode a dataset to sparse codes (.npz with values and indices)",
+         add_encode_arguments, encode_command),
+        ("sweep", "train one run per k and compare them (and PCA) in one report",
+         add_sweep_arguments, sweep_command),
+    ]
+    for name, help_text, add_arguments, command in specs:
+        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add_arguments(sub)
+        sub.set_defaults(run=command, parser=sub)
+    return parser
+
+
+def _run(args: argparse.Namespace, command: Command, parser: argparse.ArgumentParser) -> int:
+    try:
+        return command(args, parser)
+    except Interrupted as exc:
+        print(exc.message, file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ksae COMMAND ...``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return _run(args, args.run, args.parser)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``ksae-train ...``, the same as ``ksae train ...``."""
+    parser = argparse.ArgumentParser(prog="ksae-train", description="Train a k-sparse autoencoder "
+                                     "(the same as ksae train); with no arguments, the default "
+                                     "experiment on synthetic data, offline.")
+    add_train_arguments(parser)
+    return _run(parser.parse_args(argv), train_command, parser)

@@ -1,0 +1,82 @@
+"""``ksae encode``: a dataset's sparse codes, written to an ``.npz`` file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .data import ExperimentData
+from .saved import add_model_and_data_arguments, load_model_and_data
+
+SPLITS = ("train", "test", "all")
+
+
+def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``ksae encode``."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the .npz file to write: values (n, k), indices (n, k) and, for "
+                             "labelled data, labels (n,)")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="rows to encode: the training rows, the test rows, or all (training "
+                             "rows first; for an array file held out by test_fraction, the file "
+                             "in order) (default: all)")
+    parser.add_argument("--chunk-rows", type=int, default=4096, metavar="N",
+                        help="rows encoded at a time (default: 4096)")
+    add_model_and_data_arguments(parser)
+
+
+def _chunks(data: ExperimentData, split: str, chunk_rows: int) -> Iterator[np.ndarray]:
+    if split in ("train", "all"):
+        yield from data.train_chunks(chunk_rows)
+    if split in ("test", "all"):
+        for start in range(0, len(data.test), chunk_rows):
+            yield data.test[start:start + chunk_rows]
+
+
+def _labels(data: ExperimentData, split: str) -> np.ndarray | None:
+    if not data.labelled:
+        return None
+    parts = {"train": [data.train_labels], "test": [data.test_labels],
+             "all": [data.train_labels, data.test_labels]}[split]
+    return np.concatenate(parts)
+
+
+def save_npz_atomically(path: Path, arrays: dict[str, Any]) -> None:
+    """``np.savez`` into a temporary file beside ``path``, renamed over it when complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def encode_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Encode the chosen split chunk by chunk and write values, indices (and labels)."""
+    if args.out.suffix.lower() != ".npz":
+        parser.error(f"--out: expected a file ending in .npz, got {str(args.out)!r}")
+    if args.chunk_rows < 1:
+        parser.error(f"--chunk-rows: expected an integer >= 1, got {args.chunk_rows}")
+    try:
+        sae, data, _ = load_model_and_data(args)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    values, indices = [], []
+    for chunk in _chunks(data, args.split, args.chunk_rows):
+        code = sae.encode(chunk)
+        values.append(code.values)
+        indices.append(code.indices)
+    arrays: dict[str, Any] = {"values": np.concatenate(values), "indices": np.concatenate(indices)}
+    labels = _labels(data, args.split)
+    if labels is not None:
+        arrays["labels"] = labels
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_npz_atomically(args.out, arrays)
+    n, k = arrays["values"].shape
+    print(f"wrote {args.out}: {', '.join(arrays)} for {n} rows ({args.split}), {k} latents each")
+    return 0
