@@ -255,8 +255,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
            "--seed", "1", "--checkpoint-every", "50"]
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
+    # A background job (CI's) inherits SIGINT ignored; the child must get Ctrl-C's default.
     child = subprocess.Popen([sys.executable, "-m", "ksae.cli", "train", "--out", str(out), "--quiet", *run],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_a_checkpoint_past_step_0(out / "checkpoint.safetensors", child)
         child.send_signal(signal.SIGINT)

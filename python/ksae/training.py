@@ -301,7 +301,10 @@ class _InterruptFlag:
         self.requested = True
 
     def __enter__(self) -> "_InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
+        # Only in the main thread (where Python runs signal handlers), and not where SIGINT
+        # is ignored (a background job): then nothing should interrupt training.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
