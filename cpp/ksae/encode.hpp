@@ -4,7 +4,11 @@
 #include "common.hpp"
 #include "topk.hpp"
 
+#include <cstdint>
 #include <vector>
+#if defined(_MSC_VER)
+#include <intrin.h>
+#endif
 
 namespace ksae {
 
@@ -109,6 +113,17 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
   }
 }
 
+// The position of the lowest set bit of a non-zero mask.
+inline Index lowest_set_bit(std::uint32_t mask) {
+#if defined(_MSC_VER)
+  unsigned long bit;
+  _BitScanForward(&bit, mask);
+  return Index(bit);
+#else
+  return Index(__builtin_ctz(mask));
+#endif
+}
+
 // An entry a thread keeps while it walks its tiles: the selection key, the pre-activation
 // (b_enc included) the value is made from, and the latent.
 template <class T>
@@ -133,32 +148,44 @@ struct RowCandidates {
 // Folds one row of a tile (product values p[0:width) of latents j0.., bias alongside) into
 // the row's candidates, which hold at most `capacity` (> k, or >= every entry the range has)
 // entries: when full they are cut to the k best with nth_element and the threshold rises.
+// Once the set has a threshold, a chunk of entries is compared with it in one vectorised
+// pass into a bit mask, and only the entries that beat it are visited (NaN never does).
 template <class T, class Key>
 inline void fold_tile_row(const T* p, const T* bias, Index width, Index j0, Index k,
                           Index capacity, Key key, RowCandidates<T>& rc) {
-  constexpr Index kChunk = 32;
-  for (Index c = 0; c < width; c += kChunk) {
-    const Index e = std::min(width, c + kChunk);
-    if (rc.full) {
-      // One vectorised pass decides whether any entry of the chunk can enter (NaN never does).
-      const T threshold = rc.threshold;
-      int hits = 0;
-      for (Index i = c; i < e; ++i) hits += key(p[i] + bias[i]) > threshold;
-      if (hits == 0) continue;
+  auto keep = [&](Index i, T x, T v) {
+    rc.entries[rc.count++] = {v, x, j0 + i};
+    if (rc.count == capacity && capacity > k) {
+      std::nth_element(rc.entries, rc.entries + (k - 1), rc.entries + rc.count,
+                       preferred<KeptEntry<T>>);
+      rc.count = k;
+      rc.threshold = rc.entries[k - 1].key;
+      rc.full = true;
     }
-    for (Index i = c; i < e; ++i) {
-      const T x = p[i] + bias[i];
+  };
+  Index i = 0;
+  for (; i < width && !rc.full; ++i) {  // until the first cut, every entry enters
+    const T x = p[i] + bias[i];
+    keep(i, x, selection_key(key(x)));
+  }
+  constexpr Index kChunk = 32;  // measured (callgrind): fewer instructions than 8, 16 or 64
+  for (; i + kChunk <= width; i += kChunk) {
+    const T threshold = rc.threshold;
+    std::uint32_t mask = 0;
+    for (Index l = 0; l < kChunk; ++l) {
+      mask |= std::uint32_t(key(p[i + l] + bias[i + l]) > threshold) << l;
+    }
+    for (; mask != 0; mask &= mask - 1) {
+      const Index l = lowest_set_bit(mask);
+      const T x = p[i + l] + bias[i + l];
       const T v = selection_key(key(x));
-      if (rc.full && !(v > rc.threshold)) continue;
-      rc.entries[rc.count++] = {v, x, j0 + i};
-      if (rc.count == capacity && capacity > k) {
-        std::nth_element(rc.entries, rc.entries + (k - 1), rc.entries + rc.count,
-                         preferred<KeptEntry<T>>);
-        rc.count = k;
-        rc.threshold = rc.entries[k - 1].key;
-        rc.full = true;
-      }
+      if (v > rc.threshold) keep(i + l, x, v);  // a cut within the chunk raised the threshold
     }
+  }
+  for (; i < width; ++i) {
+    const T x = p[i] + bias[i];
+    const T v = selection_key(key(x));
+    if (v > rc.threshold) keep(i, x, v);
   }
 }
 
