@@ -255,19 +255,19 @@ def test_encode_default_buffers_match_given_buffers(rng):
 
 # ------------------------------------------------------------- fused against materialised
 # Without a `pre` buffer the kernel selects tile by tile from products it never stores; with
-# one it stores them and selects afterwards. Tiles hold about 1 MiB of products (a multiple
-# of 48 latents, at least 48): batches of thousands of rows make 48-latent tiles, so a few
-# hundred latents span many tiles, with remainders, per thread.
+# one it stores them and selects afterwards. Tiles hold about 1 MiB of products, a multiple
+# of 48 latents and at least 240: from ~1000 rows on they are 240 wide, so a few thousand
+# latents span several tiles per thread, with remainders.
 FUSED_SHAPES = [
     (1, 13, 1, 1),
     (2, 5, 7, 7),           # k = n_latents, under one 16-column thread block
     (3, 29, 40, 5),         # n_latents < 3 threads * 16
     (1, 13, 500, 17),       # one row: Eigen's matrix-vector product
     (33, 37, 300, 1),
-    (4096, 8, 1000, 32),    # tiles of 48: 1000 / 2 threads -> 10 full tiles + remainders
-    (4096, 8, 1001, 1),
-    (4096, 3, 145, 145),    # k = n_latents over several tiles
-    (5000, 16, 611, 100),   # k > a tile
+    (1100, 8, 1700, 32),    # 240-latent tiles: several per thread, and remainders
+    (1100, 8, 1701, 1),
+    (1100, 3, 530, 530),    # k = n_latents over several tiles
+    (1200, 16, 1500, 300),  # k > a tile
     (1500, 768, 300, 32),   # a deep product (Eigen blocks over d_in)
 ]
 
@@ -315,13 +315,13 @@ def test_encode_fused_bitwise_equals_materialised(rng, shape, data, n_threads, d
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_encode_fused_ties_across_tiles_keep_the_lowest_index(dtype, n_threads):
     # W_enc = 0: every pre-activation is its b_enc, a few distinct values repeated across
-    # many 48-latent tiles and both threads' ranges; a later entry equal to the k-th best
+    # many 240-latent tiles and all threads' ranges; a later entry equal to the k-th best
     # must lose to the earlier ones.
-    batch, d_in, n = 4096, 4, 700
+    batch, d_in, n = 1100, 4, 1700
     b_enc = np.tile(np.array([1.0, 0.0, 1.0, 3.0, 0.0], dtype=dtype), n // 5)
     X = np.ones((batch, d_in), dtype=dtype)
     expected_row = np.argsort(-b_enc, kind="stable")
-    for k in (1, 50, 140, 141, 400, n):
+    for k in (1, 50, 340, 341, 1020, 1021, n):
         _, indices = _core.encode(X, np.zeros((n, d_in), dtype=dtype), b_enc,
                                   np.zeros(d_in, dtype=dtype), k, "relu", n_threads)
         np.testing.assert_array_equal(indices, np.tile(expected_row[:k], (batch, 1)))

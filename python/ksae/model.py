@@ -33,10 +33,10 @@ bytes of (rows x latents) products and selects from each while it is in cache.""
 
 def _encode_chunk_rows(itemsize: int) -> int:
     """Rows per encode call at inference (1024 in float32, 512 in float64): few enough that
-    a tile still spans 256 latents, wide enough for Eigen's product to run at full speed
-    (more rows would narrow the tiles and repack the rows' operand once per narrower tile),
-    and a bound on the kernel's per-row candidate scratch. There is no (rows x n_latents)
-    array to bound any more: without ``pre`` the kernel never makes one."""
+    the kernel's tiles of at least 240 latents (wide enough for Eigen's product to run at
+    full speed) stay within about 1 MiB, in cache while they are selected from, and a bound
+    on the kernel's per-row candidate scratch. There is no (rows x n_latents) array to bound
+    any more: without ``pre`` the kernel never makes one."""
     return max(1, _TILE_BYTES // (256 * itemsize))
 
 
