@@ -5,6 +5,7 @@
 #include "topk.hpp"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 #if defined(_MSC_VER)
 #include <intrin.h>
@@ -214,12 +215,13 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
   // Sized for any split (the runtime may start fewer threads than asked for).
   const Index tile_width = std::min(n_latents, tile + kTileStep - 1);
   const Index capacity = std::min(2 * k + 16, n_latents);
-  // Allocated here: no exception may leave the parallel region.
-  std::vector<T> tiles(static_cast<size_t>(nt) * batch * tile_width);
-  std::vector<KeptEntry<T>> kept(static_cast<size_t>(nt) * batch * capacity);
+  // Allocated here: no exception may leave the parallel region. Left uninitialised (every
+  // entry is written before it is read): zeroing megabytes per call showed at small shapes.
+  std::unique_ptr<T[]> tiles(new T[static_cast<size_t>(nt) * batch * tile_width]);
+  std::unique_ptr<KeptEntry<T>[]> kept(new KeptEntry<T>[static_cast<size_t>(nt) * batch * capacity]);
   std::vector<RowCandidates<T>> rows(static_cast<size_t>(nt) * batch);
   for (size_t i = 0; i < rows.size(); ++i) {
-    rows[i] = {kept.data() + i * capacity, 0, T(0), false};
+    rows[i] = {kept.get() + i * capacity, 0, T(0), false};
   }
   int team = 1;
 #pragma omp parallel num_threads(nt)
@@ -234,7 +236,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     center_rows(X, b_dec, batch, d_in, centered);
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);
-    T* buffer = tiles.data() + static_cast<size_t>(tid) * batch * tile_width;
+    T* buffer = tiles.get() + static_cast<size_t>(tid) * batch * tile_width;
     RowCandidates<T>* mine = rows.data() + static_cast<size_t>(tid) * batch;
     auto walk = [&](auto key) {
       for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
