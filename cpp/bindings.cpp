@@ -140,12 +140,12 @@ py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::
   const T* w = checked<T>(W_enc_t, "W_enc_t", {n, d});
   const T* be = checked<T>(b_enc, "b_enc", {n});
   const T* bd = checked<T>(b_dec, "b_dec", {d});
-  py::array_t<T> centered_arr, pre_arr;
+  py::array_t<T> centered_arr;
   T* c = centered.is_none()
              ? (centered_arr = py::array_t<T>({batch, d})).mutable_data()
              : checked<T>(centered, "centered", {batch, d}, true);
-  T* p = pre.is_none() ? (pre_arr = py::array_t<T>({batch, n})).mutable_data()
-                       : checked<T>(pre, "pre", {batch, n}, true);
+  // Without `pre` the kernel selects tile by tile and no (batch, n_latents) array exists.
+  T* p = pre.is_none() ? nullptr : checked<T>(pre, "pre", {batch, n}, true);
   T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
   py::array_t<T> values({batch, k});
   py::array_t<LatentIndex> indices({batch, k});
@@ -458,8 +458,11 @@ PYBIND11_MODULE(_core, m) {
       "TopK encode: (values, indices) of the k largest entries per row of\n"
       "(X - b_dec) @ W_enc_t.T + b_enc, values passed through the activation, ordered by\n"
       "decreasing pre-activation (the lower index first on ties). `centered` (batch x d_in)\n"
-      "receives X - b_dec; `pre` (batch x n_latents) is scratch space. Both are allocated\n"
-      "when None. `selected_pre` (batch x k), if given, receives the kept pre-activations.");
+      "receives X - b_dec (allocated when None). `pre` (batch x n_latents), if given,\n"
+      "receives the pre-activations without b_enc (for a second selection, as AuxK makes);\n"
+      "when None the selection is fused with the product, tile by tile, and no batch x\n"
+      "n_latents array is made. Both give the same result, bit for bit. `selected_pre`\n"
+      "(batch x k), if given, receives the kept pre-activations.");
 
   m.def(
       "decode",

@@ -259,20 +259,30 @@ KILL_TRIALS = 12
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_killed_process_leaves_a_loadable_checkpoint(tmp_path, uninterrupted, trial, sig):
     """A child trains with a checkpoint after every step; it is sent SIGKILL (no chance to
-    clean up, possibly mid-write) or SIGINT (Ctrl-C) after a random delay. The checkpoint
-    then loads, holds at least every step the child reported saved, and resuming it ends
-    on the uninterrupted run's weights."""
+    clean up, possibly mid-write) or SIGINT (Ctrl-C) at a random point of the run: once it
+    has reported a random number of saved steps, plus a random fraction of a step. The
+    checkpoint then loads, holds at least every step the child reported saved, and resuming
+    it ends on the uninterrupted run's weights."""
     rng = np.random.default_rng([trial, len(sig)])
     path = tmp_path / "c.safetensors"
     child = _spawn(tmp_path, str(path), "fit", str(tmp_path / "final.npy"))
     _wait_ready(child)
-    time.sleep(rng.uniform(0.02, 0.6))
+    target = int(rng.integers(1, 500))  # the run has 564 steps
+    seen = []
+    while True:
+        line = child.stdout.readline()
+        assert line, f"the child ended before step {target}: {child.stderr.read()[-500:]}"
+        seen.append(line)
+        if line.startswith("saved") and int(line.split()[1]) >= target:
+            break
+    time.sleep(rng.uniform(0, 0.003))  # land anywhere in a step or a save
     child.send_signal(getattr(signal, sig))
-    out, err = child.communicate(timeout=60)
+    rest, err = child.communicate(timeout=60)
+    out = "".join(seen) + rest
     # Whole lines only: SIGKILL can cut the child's last line short.
     saved = [int(line.split()[1]) for line in out.split("\n")[:-1] if line.startswith("saved")]
-    # The run takes seconds and the signal comes within 0.6 s of its start: a child that
-    # finished means the signal was lost (ignored SIGINT, say), and the trial proved nothing.
+    # A child that finished means the signal was lost (ignored SIGINT, say): the trial
+    # proved nothing.
     assert child.returncode != 0, f"the child finished despite {sig}: {out[-300:]}"
     if sig == "SIGINT":
         assert child.returncode == 130, err

@@ -69,12 +69,14 @@ def sorted_gaps(pre, k):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_encode_matches_reference(rng, shape, activation, n_threads, dtype):
+@pytest.mark.parametrize("keep_pre", [False, True], ids=["fused", "materialised"])
+def test_encode_matches_reference(rng, shape, activation, n_threads, dtype, keep_pre):
     batch, d_in, n, k = shape
     X, p = encode_inputs(rng, batch, d_in, n, dtype)
     centered = np.empty_like(X)
+    pre_buffer = np.empty((batch, n), dtype=dtype) if keep_pre else None
     values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, activation,
-                                   n_threads, centered, None)
+                                   n_threads, centered, pre_buffer)
     assert values.shape == indices.shape == (batch, k)
     assert values.dtype == dtype and indices.dtype == np.int64
     np.testing.assert_array_equal(centered, X - p["b_dec"])
@@ -249,6 +251,80 @@ def test_encode_default_buffers_match_given_buffers(rng):
     np.testing.assert_array_equal(i1, i2)
     # pre is scratch holding the product without b_enc.
     np.testing.assert_allclose(pre + p["b_enc"], reference_pre(X, p), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------- fused against materialised
+# Without a `pre` buffer the kernel selects tile by tile from products it never stores; with
+# one it stores them and selects afterwards. Tiles hold about 1 MiB of products, a multiple
+# of 48 latents and at least 240: from ~1000 rows on they are 240 wide, so a few thousand
+# latents span several tiles per thread, with remainders.
+FUSED_SHAPES = [
+    (1, 13, 1, 1),
+    (2, 5, 7, 7),           # k = n_latents, under one 16-column thread block
+    (3, 29, 40, 5),         # n_latents < 3 threads * 16
+    (1, 13, 500, 17),       # one row: Eigen's matrix-vector product
+    (33, 37, 300, 1),
+    (1100, 8, 1700, 32),    # 240-latent tiles: several per thread, and remainders
+    (1100, 8, 1701, 1),
+    (1100, 3, 530, 530),    # k = n_latents over several tiles
+    (1200, 16, 1500, 300),  # k > a tile
+    (1500, 768, 300, 32),   # a deep product (Eigen blocks over d_in)
+]
+
+
+def fused_inputs(rng, shape, dtype, data):
+    """Encode inputs: "normal" (random weights), "ties" (small integers: exact, tied
+    products), "non-finite" (NaN and +-inf in b_enc and in some rows of X)."""
+    batch, d_in, n, _ = shape
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    if data == "ties":
+        X = rng.integers(-2, 3, (batch, d_in)).astype(dtype)
+        p["W_enc_t"] = rng.integers(-1, 2, (n, d_in)).astype(dtype)
+        p["b_enc"] = rng.integers(-2, 3, n).astype(dtype)
+    elif data == "non-finite":
+        choices = np.array([-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan], dtype=dtype)
+        p["b_enc"] = np.where(rng.random(n) < 0.3, choices[rng.integers(0, 6, n)], p["b_enc"])
+        rows = rng.random(batch) < 0.2
+        X[rows, 0] = choices[rng.integers(0, 6, int(rows.sum()))]
+    return X, p
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+@pytest.mark.parametrize("data", ["normal", "ties", "non-finite"])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_fused_bitwise_equals_materialised(rng, shape, data, n_threads, dtype):
+    batch, d_in, n, k = shape
+    X, p = fused_inputs(rng, shape, dtype, data)
+    args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], k)
+    for activation in ACTIVATIONS:
+        selected = [np.empty((batch, k), dtype=dtype) for _ in range(2)]
+        with np.errstate(invalid="ignore"):
+            fused = _core.encode(*args, activation, n_threads, None, None, selected[0])
+            pre = np.empty((batch, n), dtype=dtype)
+            stored = _core.encode(*args, activation, n_threads, None, pre, selected[1])
+        for a, b in zip((*fused, selected[0]), (*stored, selected[1])):
+            np.testing.assert_array_equal(a, b, err_msg=activation)  # NaN equals NaN here
+        if data == "ties" and activation in ("relu", "linear"):
+            # Exact integer pre-activations: exactly stable_argsort(-pre)[:k].
+            expected = np.argsort(-(pre + p["b_enc"]), axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(fused[1], expected)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_fused_ties_across_tiles_keep_the_lowest_index(dtype, n_threads):
+    # W_enc = 0: every pre-activation is its b_enc, a few distinct values repeated across
+    # many 240-latent tiles and all threads' ranges; a later entry equal to the k-th best
+    # must lose to the earlier ones.
+    batch, d_in, n = 1100, 4, 1700
+    b_enc = np.tile(np.array([1.0, 0.0, 1.0, 3.0, 0.0], dtype=dtype), n // 5)
+    X = np.ones((batch, d_in), dtype=dtype)
+    expected_row = np.argsort(-b_enc, kind="stable")
+    for k in (1, 50, 340, 341, 1020, 1021, n):
+        _, indices = _core.encode(X, np.zeros((n, d_in), dtype=dtype), b_enc,
+                                  np.zeros(d_in, dtype=dtype), k, "relu", n_threads)
+        np.testing.assert_array_equal(indices, np.tile(expected_row[:k], (batch, 1)))
 
 
 # --------------------------------------------------------------------------------- decode

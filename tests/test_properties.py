@@ -153,6 +153,11 @@ def test_encode_matches_reference(data, batch, d_in, n_latents, dtype, n_threads
     centered = np.full_like(X, np.nan)
     selected = np.full((batch, k), np.nan, dtype=dtype)
     values, indices = _core.encode(*args, k, activation, n_threads, centered, None, selected)
+    # pre=None (the fused selection) and a pre buffer (select after storing) agree bitwise.
+    stored_pre, stored_selected = np.empty((batch, n_latents), dtype=dtype), np.empty_like(selected)
+    stored = _core.encode(*args, k, activation, n_threads, None, stored_pre, stored_selected)
+    for a, b in zip((values, indices, selected), (*stored, stored_selected)):
+        np.testing.assert_array_equal(a, b)
     assert values.shape == indices.shape == (batch, k)
     assert values.dtype == dtype and indices.dtype == np.int64
     np.testing.assert_array_equal(centered, X - p["b_dec"])
@@ -709,6 +714,10 @@ def test_encode_non_finite_rows_leave_the_other_rows_alone(data, batch, d_in, n_
     selected = np.empty((batch, k), dtype=dtype)
     values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, activation,
                                    n_threads, None, None, selected)
+    stored = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, activation, n_threads,
+                          None, np.empty((batch, n_latents), dtype=dtype))
+    np.testing.assert_array_equal(values, stored[0])  # fused = stored, NaN included
+    np.testing.assert_array_equal(indices, stored[1])
     assert values.shape == indices.shape == (batch, k)
     assert np.all((indices >= 0) & (indices < n_latents))
     assert all(len(set(row)) == k for row in indices.tolist())

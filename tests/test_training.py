@@ -9,7 +9,7 @@ import pytest
 
 import ksae
 from ksae import reference as ref
-from ksae.model import _WORKSPACE_BYTES
+from ksae.model import _encode_chunk_rows
 
 from conftest import ACTIVATIONS, THREADS, rel_err
 
@@ -330,7 +330,7 @@ def test_decode_accepts_other_code_widths_and_checks_indices(trained):
 
 def test_encode_in_chunks_equals_row_by_row(rng):
     n_latents, d_in = 2**14, 8
-    chunk_rows = _WORKSPACE_BYTES // (n_latents * 8)
+    chunk_rows = _encode_chunk_rows(8)
     n_rows = 1100
     assert chunk_rows < n_rows // 2  # the input spans several chunks (and a partial one)
     X = rng.standard_normal((n_rows, d_in))

@@ -199,7 +199,7 @@ def test_auxk_gradient_matches_finite_differences(rng):
     sae.partial_fit(X, lr=1e-12, optimizer="sgd", momentum=0.0)
     p, dead = sae._params, np.arange(n) % 2 == 1
     sae.samples_since_fired_[:] = np.where(dead, 10**6, 0)
-    ws = sae._buffers(B)
+    ws = sae._buffers(B, pre=True)
     v, i = ksae._core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "tanh", 1, ws["centered"], ws["pre"])
     X_hat = ksae._core.decode(v, i, p["W_dec"], p["b_dec"], 1)
     e = X - X_hat

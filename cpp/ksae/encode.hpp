@@ -4,13 +4,83 @@
 #include "common.hpp"
 #include "topk.hpp"
 
+#include <cstdint>
+#include <memory>
 #include <vector>
+#if defined(_MSC_VER)
+#include <intrin.h>
+#endif
 
 namespace ksae {
 
 template <class T>
 void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Index k,
                  Activation act, T* values, LatentIndex* indices, T* selected_pre);
+
+// The encoder product is computed in tiles of latents. A tile's product (batch x tile) is
+// sized to stay in a core's cache, so the fused encode selects from it before it is evicted,
+// and Eigen's packed copy of W_enc (kc x tile values) is bounded by the tile instead of by a
+// thread's whole latent range (the ~1 KiB per latent transient of one large product).
+constexpr Index kTileBytes = Index(1) << 20;
+// Tiles hold a multiple of this many latents: a multiple of every row step of Eigen's GEBP
+// kernel (3 packets of 4, 8 or 16 floats, of 2, 4 or 8 doubles), so each latent goes through
+// the same micro-kernel path, hence the same rounding, as in one product over the thread's
+// range (kc, the depth blocking, depends on d_in only). The fused and the materialising
+// encode walk the same tiles, so they agree bitwise.
+constexpr Index kTileStep = 48;
+
+// Each tile's product packs the whole (batch x d_in) operand again, so a narrow tile costs
+// a repacking per few latents: measured at (4096, 768, 4096), one thread, the materialising
+// encode took 377 ms with 96-latent tiles, 326-328 ms with 192 to 528, 322 ms untiled.
+// Large batches therefore get tiles of this many latents even where they exceed kTileBytes
+// (they then sit in L3 rather than L2; the fused encode was still faster than untiled).
+constexpr Index kMinTileLatents = 5 * kTileStep;
+
+// Latents per tile for a batch: about kTileBytes of products, a multiple of kTileStep, at
+// least kMinTileLatents (1024 float32 rows: 240 latents).
+template <class T>
+inline Index tile_latents(Index batch) {
+  const Index fit = kTileBytes / (std::max<Index>(batch, 1) * Index(sizeof(T)));
+  return std::max(kMinTileLatents, (fit + kTileStep / 2) / kTileStep * kTileStep);
+}
+
+// Calls f(j0, j1) for consecutive tiles covering [c0, c1): `tile` latents each, the last one
+// taking the rest when fewer than kTileStep would remain after a full tile (so no tile is
+// tiny: Eigen routes one-column and tiny products through other kernels, which round
+// differently). A tile therefore holds at most tile + kTileStep - 1 latents.
+template <class F>
+inline void for_each_tile(Index c0, Index c1, Index tile, F f) {
+  for (Index j0 = c0; j0 < c1;) {
+    const Index j1 = c1 - j0 < tile + kTileStep ? c1 : j0 + tile;
+    f(j0, j1);
+    j0 = j1;
+  }
+}
+
+// out[r, j - j0] = centered[r] . W_enc_t[j] for j in [j0, j1), out's rows `stride` apart.
+template <class T>
+inline void multiply_tile(const T* centered, Index batch, Index d_in, const T* W_enc_t, Index j0,
+                          Index j1, T* out, Index stride) {
+  ConstMatrixMap<T> C(centered, batch, d_in);
+  ConstMatrixMap<T> W(W_enc_t + j0 * d_in, j1 - j0, d_in);
+  StridedMatrixMap<T> P(out, batch, j1 - j0, Eigen::OuterStride<>(stride));
+  P.noalias() = C * W.transpose();
+}
+
+template <class T>
+void center_rows(const T* X, const T* b_dec, Index batch, Index d_in, T* centered) {
+#pragma omp for schedule(static)
+  for (Index r = 0; r < batch; ++r) {
+    const T* x = X + r * d_in;
+    T* c = centered + r * d_in;
+    for (Index i = 0; i < d_in; ++i) c[i] = x[i] - b_dec[i];
+  }
+}
+
+template <class T>
+void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
+                       const T* b_dec, Index n_latents, Index k, Activation act, int n_threads,
+                       T* centered, T* values, LatentIndex* indices, T* selected_pre);
 
 // Encodes a batch and keeps the k largest pre-activations per row:
 //     centered = X - b_dec                                       (batch x d_in)
@@ -19,36 +89,195 @@ void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Inde
 //     values   = act(take_along_axis(pre, indices, axis=1))     (batch x k)
 // W_enc is held transposed (W_enc_t, n_latents x d_in, row-major) so that a latent's encoder
 // weights are one contiguous row, as its decoder weights are in W_dec.
-// `centered` (batch x d_in) is an output kept for the backward pass; `pre` (batch x n_latents)
-// is scratch space holding the pre-activations without b_enc; `selected_pre` (batch x k, may
-// be null) receives the kept pre-activations, which swish's and gelu's derivatives need.
+// `centered` (batch x d_in) is an output kept for the backward pass. `pre` (batch x n_latents)
+// may be null: then the selection is fused with the product (see encode_topk_fused) and no
+// batch x n_latents array exists; otherwise it receives the pre-activations without b_enc
+// (AuxK selects from them again) and the rows are selected from it afterwards. Both give
+// bitwise the same result. `selected_pre` (batch x k, may be null) receives the kept
+// pre-activations, which swish's and gelu's derivatives need.
 // The selection is on act(pre) (see Activation); softmax normalises each row's k values.
 template <class T>
 void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
                  const T* b_dec, Index n_latents, Index k, Activation act, int n_threads,
                  T* centered, T* pre, T* values, LatentIndex* indices, T* selected_pre = nullptr) {
+  if (pre == nullptr) {
+    return encode_topk_fused(X, batch, d_in, W_enc_t, b_enc, b_dec, n_latents, k, act, n_threads,
+                             centered, values, indices, selected_pre);
+  }
   const int nt = threads_for(n_threads, double(batch) * double(n_latents) * double(d_in), 1 << 20);
+  const Index tile = tile_latents<T>(batch);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
-#pragma omp for schedule(static)
-    for (Index r = 0; r < batch; ++r) {
-      const T* x = X + r * d_in;
-      T* c = centered + r * d_in;
-      for (Index i = 0; i < d_in; ++i) c[i] = x[i] - b_dec[i];
-    }
+    center_rows(X, b_dec, batch, d_in, centered);
     // The dense product, split by latent columns: each thread multiplies all rows by its own
     // slice of W_enc, so the large operand is read (and packed) once in all.
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);
-    if (c1 > c0) {
-      ConstMatrixMap<T> C(centered, batch, d_in);
-      ConstMatrixMap<T> W(W_enc_t + c0 * d_in, c1 - c0, d_in);
-      StridedMatrixMap<T> P(pre + c0, batch, c1 - c0, Eigen::OuterStride<>(n_latents));
-      P.noalias() = C * W.transpose();
-    }
+    for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
+      multiply_tile(centered, batch, d_in, W_enc_t, j0, j1, pre + j0, n_latents);
+    });
 #pragma omp barrier
     select_rows(pre, b_enc, batch, n_latents, k, act, values, indices, selected_pre);
+  }
+}
+
+// The position of the lowest set bit of a non-zero mask.
+inline Index lowest_set_bit(std::uint32_t mask) {
+#if defined(_MSC_VER)
+  unsigned long bit;
+  _BitScanForward(&bit, mask);
+  return Index(bit);
+#else
+  return Index(__builtin_ctz(mask));
+#endif
+}
+
+// An entry a thread keeps while it walks its tiles: the selection key, the pre-activation
+// (b_enc included) the value is made from, and the latent.
+template <class T>
+struct KeptEntry {
+  T key;
+  T pre;
+  LatentIndex index;
+};
+
+// One row's running candidates within one thread's latent range: every entry of the range
+// seen so far that can still be among the row's k best. `threshold` is the k-th best key once
+// the set has been cut to k (`full`); a later entry must beat it strictly, because a later
+// entry has a higher index and so loses a tie.
+template <class T>
+struct RowCandidates {
+  KeptEntry<T>* entries;
+  Index count;
+  T threshold;
+  bool full;
+};
+
+// Folds one row of a tile (product values p[0:width) of latents j0.., bias alongside) into
+// the row's candidates, which hold at most `capacity` (> k, or >= every entry the range has)
+// entries: when full they are cut to the k best with nth_element and the threshold rises.
+// Once the set has a threshold, a chunk of entries is compared with it in one vectorised
+// pass into a bit mask, and only the entries that beat it are visited (NaN never does).
+template <class T, class Key>
+inline void fold_tile_row(const T* p, const T* bias, Index width, Index j0, Index k,
+                          Index capacity, Key key, RowCandidates<T>& rc) {
+  auto keep = [&](Index i, T x, T v) {
+    rc.entries[rc.count++] = {v, x, j0 + i};
+    if (rc.count == capacity && capacity > k) {
+      std::nth_element(rc.entries, rc.entries + (k - 1), rc.entries + rc.count,
+                       preferred<KeptEntry<T>>);
+      rc.count = k;
+      rc.threshold = rc.entries[k - 1].key;
+      rc.full = true;
+    }
+  };
+  Index i = 0;
+  for (; i < width && !rc.full; ++i) {  // until the first cut, every entry enters
+    const T x = p[i] + bias[i];
+    keep(i, x, selection_key(key(x)));
+  }
+  constexpr Index kChunk = 32;  // measured (callgrind): fewer instructions than 8, 16 or 64
+  for (; i + kChunk <= width; i += kChunk) {
+    const T threshold = rc.threshold;
+    std::uint32_t mask = 0;
+    for (Index l = 0; l < kChunk; ++l) {
+      mask |= std::uint32_t(key(p[i + l] + bias[i + l]) > threshold) << l;
+    }
+    for (; mask != 0; mask &= mask - 1) {
+      const Index l = lowest_set_bit(mask);
+      const T x = p[i + l] + bias[i + l];
+      const T v = selection_key(key(x));
+      if (v > rc.threshold) keep(i + l, x, v);  // a cut within the chunk raised the threshold
+    }
+  }
+  for (; i < width; ++i) {
+    const T x = p[i] + bias[i];
+    const T v = selection_key(key(x));
+    if (v > rc.threshold) keep(i, x, v);
+  }
+}
+
+// encode_topk without the pre-activation matrix. Each thread walks its latent range in tiles
+// (tile_latents: ~1 MiB of products, in cache, for batches up to ~1000 rows), multiplies a tile into its own buffer and
+// folds every row of it into that row's running candidates (fold_tile_row). After a barrier
+// the rows are shared out and each row's candidates from all threads are cut to the k best
+// and sorted, exactly as select_topk_row orders them. The product tiles are those of the
+// materialising encode, so the two agree bitwise. Scratch: per thread one tile (batch x
+// (tile + kTileStep - 1)) and batch x capacity candidates, capacity = 2k + 16 (at most
+// n_latents).
+template <class T>
+void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
+                       const T* b_dec, Index n_latents, Index k, Activation act, int n_threads,
+                       T* centered, T* values, LatentIndex* indices, T* selected_pre) {
+  const int nt = threads_for(n_threads, double(batch) * double(n_latents) * double(d_in), 1 << 20);
+  const Index tile = tile_latents<T>(batch);
+  // Sized for any split (the runtime may start fewer threads than asked for).
+  const Index tile_width = std::min(n_latents, tile + kTileStep - 1);
+  const Index capacity = std::min(2 * k + 16, n_latents);
+  // Allocated here: no exception may leave the parallel region. Left uninitialised (every
+  // entry is written before it is read): zeroing megabytes per call showed at small shapes.
+  std::unique_ptr<T[]> tiles(new T[static_cast<size_t>(nt) * batch * tile_width]);
+  std::unique_ptr<KeptEntry<T>[]> kept(new KeptEntry<T>[static_cast<size_t>(nt) * batch * capacity]);
+  std::vector<RowCandidates<T>> rows(static_cast<size_t>(nt) * batch);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i] = {kept.get() + i * capacity, 0, T(0), false};
+  }
+  int team = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    FlushSubnormals flush;
+    int tid = 0;
+#ifdef KSAE_HAVE_OPENMP
+    tid = omp_get_thread_num();
+#pragma omp single
+    team = omp_get_num_threads();
+#endif
+    center_rows(X, b_dec, batch, d_in, centered);
+    Index c0, c1;
+    this_thread_range(n_latents, &c0, &c1, 16);
+    T* buffer = tiles.get() + static_cast<size_t>(tid) * batch * tile_width;
+    RowCandidates<T>* mine = rows.data() + static_cast<size_t>(tid) * batch;
+    auto walk = [&](auto key) {
+      for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
+        const Index width = j1 - j0;
+        multiply_tile(centered, batch, d_in, W_enc_t, j0, j1, buffer, width);
+        for (Index r = 0; r < batch; ++r) {
+          fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r]);
+        }
+      });
+    };
+    if (act == Activation::swish) {
+      walk([](T x) { return activate(Activation::swish, x); });
+    } else if (act == Activation::gelu) {
+      walk([](T x) { return activate(Activation::gelu, x); });
+    } else {
+      walk([](T x) { return x; });
+    }
+#pragma omp barrier
+    std::vector<KeptEntry<T>> merged;
+#pragma omp for schedule(static)
+    for (Index r = 0; r < batch; ++r) {
+      merged.clear();
+      for (int t = 0; t < team; ++t) {
+        const RowCandidates<T>& rc = rows[static_cast<size_t>(t) * batch + r];
+        merged.insert(merged.end(), rc.entries, rc.entries + rc.count);
+      }
+      // Every thread kept at least min(k, its range) entries, so there are at least k.
+      if (static_cast<Index>(merged.size()) > k) {
+        std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(),
+                         preferred<KeptEntry<T>>);
+      }
+      std::sort(merged.begin(), merged.begin() + k, preferred<KeptEntry<T>>);
+      T* v = values + r * k;
+      for (Index s = 0; s < k; ++s) {
+        const T x = merged[s].pre;
+        indices[r * k + s] = merged[s].index;
+        if (selected_pre) selected_pre[r * k + s] = x;
+        v[s] = act == Activation::softmax ? x : activate(act, x);
+      }
+      if (act == Activation::softmax) normalize_softmax(v, k);
+    }
   }
 }
 

@@ -14,9 +14,10 @@ struct Candidate {
   LatentIndex index;
 };
 
-// "a is preferred to b": larger value first, the lower index on ties.
-template <class T>
-inline bool preferred(const Candidate<T>& a, const Candidate<T>& b) {
+// "a is preferred to b": larger value first, the lower index on ties (for any entry type
+// with a key and an index).
+template <class C>
+inline bool preferred(const C& a, const C& b) {
   return a.key > b.key || (a.key == b.key && a.index < b.index);
 }
 
@@ -35,8 +36,8 @@ struct SelectionScratch {
 // Orders `c` by preference, keeps the first k and writes their indices.
 template <class T>
 inline void finish_selection(std::vector<Candidate<T>>& c, Index k, LatentIndex* out_index) {
-  if (static_cast<Index>(c.size()) > k) std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), preferred<T>);
-  std::sort(c.begin(), c.begin() + k, preferred<T>);
+  if (static_cast<Index>(c.size()) > k) std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), preferred<Candidate<T>>);
+  std::sort(c.begin(), c.begin() + k, preferred<Candidate<T>>);
   for (Index s = 0; s < k; ++s) out_index[s] = c[s].index;
 }
 

@@ -29,7 +29,18 @@ PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
 encoder weights are one contiguous row; ``W_enc_`` shows it as (d_in, n_latents). A jumprelu
 model has one more, ``log_threshold`` (n_latents,)."""
 
-_WORKSPACE_BYTES = 64 << 20  # pre-activation scratch per inference chunk
+_TILE_BYTES = 1 << 20
+"""kTileBytes of cpp/ksae/encode.hpp: the encode kernel multiplies tiles of about this many
+bytes of (rows x latents) products and selects from each while it is in cache."""
+
+
+def _encode_chunk_rows(itemsize: int) -> int:
+    """Rows per encode call at inference (1024 in float32, 512 in float64): few enough that
+    the kernel's tiles of at least 240 latents (wide enough for Eigen's product to run at
+    full speed) stay within about 1 MiB, in cache while they are selected from, and a bound
+    on the kernel's per-row candidate scratch. There is no (rows x n_latents) array to bound
+    any more: without ``pre`` the kernel never makes one."""
+    return max(1, _TILE_BYTES // (256 * itemsize))
 
 
 def _same_settings_but_lr(a: Optimizer, b: Optimizer) -> bool:
@@ -333,7 +344,7 @@ class SparseAutoencoder:
         with self._scratch(sample.shape[0]) as ws:
             pre, _ = _core.encode(sample, self._params["W_enc_t"], self._params["b_enc"],
                                   self._params["b_dec"], width, "linear", self._threads(cfg),
-                                  ws["centered"], ws["pre"])
+                                  ws["centered"])
         flat = pre.reshape(-1)
         budget = min(flat.size, cfg.k * sample.shape[0])
         return max(float(np.partition(flat, flat.size - budget)[flat.size - budget]), 1e-6)
@@ -364,19 +375,24 @@ class SparseAutoencoder:
                              f"sparsity={cfg.sparsity!r} model (jumprelu has thresholds, the "
                              f"others none); call fit to re-initialise")
 
-    def _buffers(self, rows: int) -> dict[str, np.ndarray]:
+    def _buffers(self, rows: int, pre: bool = False) -> dict[str, np.ndarray]:
         """Scratch arrays for a batch of ``rows`` samples, grown as needed, reused otherwise.
-        The caller must hold ``_workspace_lock``."""
+        ``pre`` adds the (rows, n_latents) pre-activations, which only AuxK needs (the encode
+        fuses the selection with the product without it): a model trained without AuxK never
+        holds that array. The caller must hold ``_workspace_lock``."""
         ws = self._workspace
-        if ws.get("pre") is None or ws["pre"].shape[0] < rows:
+        if ws.get("centered") is None or ws["centered"].shape[0] < rows:
             ws.update(self._new_buffers(rows))
-        return {key: buf[:rows] for key, buf in ws.items()}
+        if pre and (ws.get("pre") is None or ws["pre"].shape[0] < rows):
+            ws["pre"] = self._pre_buffer(rows)
+        return {key: buf[:rows] for key, buf in ws.items() if pre or key != "pre"}
 
     def _new_buffers(self, rows: int) -> dict[str, np.ndarray]:
-        n, d = self._params["W_dec"].shape
-        dtype = self._params["W_dec"].dtype
-        return {"pre": aligned_empty((rows, n), dtype), "centered": aligned_empty((rows, d), dtype),
-                "x_hat": aligned_empty((rows, d), dtype)}
+        d, dtype = self._params["W_dec"].shape[1], self._params["W_dec"].dtype
+        return {"centered": aligned_empty((rows, d), dtype), "x_hat": aligned_empty((rows, d), dtype)}
+
+    def _pre_buffer(self, rows: int) -> np.ndarray:
+        return aligned_empty((rows, self._params["W_dec"].shape[0]), self._params["W_dec"].dtype)
 
     @contextmanager
     def _scratch(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -401,12 +417,15 @@ class SparseAutoencoder:
     def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig, train_cfg: TrainConfig,
                            k: int) -> StepResult:
         p, g, nt = self._params, self._grads, self._threads(cfg)
-        ws = self._buffers(batch.shape[0])
+        auxk = train_cfg.auxk_coef > 0
+        ws = self._buffers(batch.shape[0], pre=auxk)
         encoded = batch
         if train_cfg.input_dropout > 0:  # denoising: encode a masked copy, reconstruct the clean one
             encoded = batch * (self._rng.random(batch.shape) >= train_cfg.input_dropout)
         width = self.code_width(cfg, k)
         selected_pre = self._selected_pre_buffer(batch.shape[0], width, cfg)
+        # AuxK selects again from the pre-activations, so only then does encode keep them
+        # (ws holds "pre" only when asked for).
         values, indices, gap = self._encode(encoded, width, cfg, nt, ws, selected_pre)
         if cfg.sparsity == "batchtopk":
             self._keep_batch_top(values, k)
@@ -423,7 +442,7 @@ class SparseAutoencoder:
                                         train_cfg.jumprelu_bandwidth, train_cfg.l0_coef,
                                         g["log_threshold"])
         auxk_loss = 0.0
-        if train_cfg.auxk_coef > 0:
+        if auxk:
             auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
         if train_cfg.l1_weight or train_cfg.l2_weight:
             add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
@@ -449,12 +468,12 @@ class SparseAutoencoder:
         p = self._params
         if cfg.sparsity != "jumprelu":
             values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], width,
-                                           cfg.activation, nt, ws["centered"], ws["pre"],
+                                           cfg.activation, nt, ws["centered"], ws.get("pre"),
                                            selected_pre)
             return values, indices, None
         threshold = np.exp(p["log_threshold"])
         gap, indices = _core.encode(X, p["W_enc_t"], p["b_enc"] - threshold, p["b_dec"], width,
-                                    "linear", nt, ws["centered"], ws["pre"])
+                                    "linear", nt, ws["centered"], ws.get("pre"))
         return jumprelu_values(gap, indices, threshold), indices, gap
 
     def _touched_rows(self, indices: np.ndarray, train_cfg: TrainConfig) -> dict[str, np.ndarray]:
@@ -617,7 +636,7 @@ class SparseAutoencoder:
         k = self.code_width(cfg, self.inference_k(cfg))
         values = np.empty((n, k), dtype=cfg.dtype)
         indices = np.empty((n, k), dtype=np.int64)
-        chunk = max(1, _WORKSPACE_BYTES // (cfg.n_latents * X.itemsize))
+        chunk = _encode_chunk_rows(X.itemsize)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             with self._scratch(stop - start) as ws:
