@@ -126,6 +126,20 @@ bool is_float32(const py::handle& obj) {
   return py::isinstance<py::array_t<float>>(obj);
 }
 
+// A code being returned to Python: (values, indices), both (batch, k), allocated before the
+// GIL is released so the kernel writes straight into them.
+template <class T>
+struct CodeArrays {
+  py::array_t<T> values;
+  py::array_t<LatentIndex> indices;
+  T* values_ptr;
+  LatentIndex* indices_ptr;
+  CodeArrays(Index batch, Index k)
+      : values({batch, k}), indices({batch, k}), values_ptr(values.mutable_data()),
+        indices_ptr(indices.mutable_data()) {}
+  py::tuple tuple() const { return py::make_tuple(values, indices); }
+};
+
 template <class T>
 py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
                       const py::object& b_dec, Index k, const std::string& activation,
@@ -147,15 +161,13 @@ py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::
   // Without `pre` the kernel selects tile by tile and no (batch, n_latents) array exists.
   T* p = pre.is_none() ? nullptr : checked<T>(pre, "pre", {batch, n}, true);
   T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
-  py::array_t<T> values({batch, k});
-  py::array_t<LatentIndex> indices({batch, k});
-  T* v = values.mutable_data();
-  LatentIndex* ix = indices.mutable_data();
+  CodeArrays<T> code(batch, k);
   {
     py::gil_scoped_release release;
-    ksae::encode_topk<T>(x, batch, d, w, be, bd, n, k, act, n_threads, c, p, v, ix, sp);
+    ksae::encode_topk<T>(x, batch, d, w, be, bd, n, k, act, n_threads, c, p, code.values_ptr,
+                         code.indices_ptr, sp);
   }
-  return py::make_tuple(values, indices);
+  return code.tuple();
 }
 
 template <class T>
@@ -245,15 +257,12 @@ py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
   const T* p = checked<T>(pre, "pre", {batch, n});
   const T* b = checked<T>(bias, "bias", {n});
   T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
-  py::array_t<T> values({batch, k});
-  py::array_t<LatentIndex> indices({batch, k});
-  T* v = values.mutable_data();
-  LatentIndex* ix = indices.mutable_data();
+  CodeArrays<T> code(batch, k);
   {
     py::gil_scoped_release release;
-    ksae::select_topk<T>(p, b, batch, n, k, act, n_threads, v, ix, sp);
+    ksae::select_topk<T>(p, b, batch, n, k, act, n_threads, code.values_ptr, code.indices_ptr, sp);
   }
-  return py::make_tuple(values, indices);
+  return code.tuple();
 }
 
 // Shape of a parameter as (rows, cols): a vector is one row.

@@ -11,7 +11,7 @@ from . import _core
 from .buffers import aligned_copy, aligned_empty, aligned_zeros
 from .config import NEEDS_SELECTED_PRE, ModelConfig, TrainConfig, check_int, check_known_keys
 from .losses import softmax, softmax_cross_entropy
-from .model import SparseAutoencoder
+from .model import SparseAutoencoder, _encode_chunk_rows
 from .optim import Optimizer, clip_grad_norm, make_optimizer
 from .schedules import make_schedule
 from .validation import as_float_matrix
@@ -19,9 +19,6 @@ from .validation import as_float_matrix
 FIT_OPTIONS = ("momentum", "nesterov", "weight_decay", "schedule", "warmup_steps",
                "lr_step_size", "lr_gamma", "min_lr", "clip_grad_norm")
 """The TrainConfig fields that apply to a classifier, beyond fit's named arguments."""
-
-_WORKSPACE_BYTES = 64 << 20  # pre-activation scratch per inference chunk
-
 
 def as_labels(y: Any, n_samples: int, n_classes: int) -> np.ndarray:
     """``y`` as an int64 vector of ``n_samples`` class indices in [0, n_classes)."""
@@ -90,8 +87,7 @@ class SparseClassifier:
         self._k, self._activation, self._n_threads = cfg.k, cfg.activation, cfg.n_threads or 0
         self._grads = {name: aligned_empty(p.shape, dtype) for name, p in self._params.items()}
         rows = min(train_cfg.batch_size, X.shape[0])
-        workspace = {"centered": aligned_empty((rows, X.shape[1]), dtype),
-                     "pre": aligned_empty((rows, cfg.n_latents), dtype)}
+        workspace = {"centered": aligned_empty((rows, X.shape[1]), dtype)}
         if cfg.activation in NEEDS_SELECTED_PRE:
             workspace["selected_pre"] = aligned_empty((rows, cfg.k), dtype)
         self.classes_ = np.arange(n_classes)
@@ -138,8 +134,9 @@ class SparseClassifier:
         and its number of correct predictions, both before the update."""
         p, g, nt = self._params, self._grads, self._n_threads
         centered, selected_pre = ws["centered"], ws.get("selected_pre")
+        # No pre-activation buffer: the encode selects while it multiplies (the fused path).
         values, indices = _core.encode(X, p["W_enc_t"], p["b_enc"], self._centering, self._k,
-                                       self._activation, nt, centered, ws["pre"], selected_pre)
+                                       self._activation, nt, centered, None, selected_pre)
         logits = _core.decode(values, indices, p["W_head"], p["b_head"], nt)
         hits = int(np.count_nonzero(np.argmax(logits, axis=1) == y))
         loss, grad_logits = softmax_cross_entropy(logits, y)
@@ -167,7 +164,7 @@ class SparseClassifier:
         p = self._fitted()
         X = as_float_matrix(X, "X", p["W_enc_t"].dtype, p["W_enc_t"].shape[1])
         logits = np.empty((X.shape[0], p["W_head"].shape[1]), dtype=X.dtype)
-        chunk = max(1, _WORKSPACE_BYTES // (p["W_enc_t"].shape[0] * X.itemsize))
+        chunk = _encode_chunk_rows(X.itemsize)
         for start in range(0, X.shape[0], chunk):
             values, indices = _core.encode(X[start:start + chunk], p["W_enc_t"], p["b_enc"],
                                            self._centering, self._k, self._activation,

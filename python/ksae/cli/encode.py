@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
+import io
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from ..serialization import atomic_write_bytes
 from .data import ExperimentData
 from .saved import add_model_and_data_arguments, load_model_and_data
 
@@ -46,14 +47,11 @@ def _labels(data: ExperimentData, split: str) -> np.ndarray | None:
 
 
 def save_npz_atomically(path: Path, arrays: dict[str, Any]) -> None:
-    """``np.savez`` into a temporary file beside ``path``, renamed over it when complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``np.savez`` of ``arrays`` to ``path``, written whole or not at all
+    (``atomic_write_bytes``: temporary file, fsync, rename)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def encode_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
