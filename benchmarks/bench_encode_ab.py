@@ -1,7 +1,7 @@
 """A/B encode timings in one process, interleaved round by round: NumPy's X @ W_enc (the
 floor), another build's ``_core.encode`` (its .so loaded beside the installed one, with a pre
-buffer), the installed build with a pre buffer, and with ``pre=None`` (the fused path).
-Checks first that all three give bitwise equal codes. For a loaded machine, where only
+buffer and fused), the installed build with a pre buffer, and with ``pre=None`` (the fused
+path). Checks first that all four give bitwise equal codes. For a loaded machine, where only
 same-run comparisons mean anything.
 
     python benchmarks/bench_encode_ab.py OTHER/_core.cpython-311-x86_64-linux-gnu.so \
@@ -28,11 +28,13 @@ args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "relu", nt, centered)
 runs = {
     "floor X @ W_enc": lambda: X @ W_enc,
     "old encode (pre buffer)": lambda: old.encode(*args, pre),
+    "old encode, fused": lambda: old.encode(*args, None),
     "new encode, pre buffer": lambda: new.encode(*args, pre),
     "new encode, fused": lambda: new.encode(*args, None),
 }
 a = old.encode(*args, pre); b = new.encode(*args, pre); c = new.encode(*args, None)
-assert all(np.array_equal(x, y) for x, y in zip(a, b)) and all(np.array_equal(x, y) for x, y in zip(a, c))
+d = old.encode(*args, None)
+assert all(np.array_equal(x, y) for o in (b, c, d) for x, y in zip(a, o))
 times = {name: [] for name in runs}
 for r in range(rounds):
     for name, f in runs.items():

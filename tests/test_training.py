@@ -132,6 +132,33 @@ def test_partial_fit_with_another_optimizer_starts_it_afresh(rng):
         assert rel_err(weights_of(sae)[name], want) < 1e-10, name
 
 
+def test_partial_fit_reuses_its_settings_only_while_they_repeat(rng):
+    # partial_fit keeps its validated settings and optimizer between calls with the same
+    # arguments; any change of arguments or of the model's parameters must still be seen.
+    X = rng.standard_normal((40, 9))
+    sae = initialised(X, n_latents=16, k=3)
+    sae.partial_fit(X, lr=1e-2)
+    adam = sae._optimizer
+    sae.partial_fit(X, lr=1e-2)
+    sae.partial_fit(X, lr=5e-3)  # only lr changed: the same Adam, its state carried on
+    assert sae._optimizer is adam and adam.n_steps == 3 and adam.lr == 5e-3
+    sae.partial_fit(X, lr=5e-3, optimizer="sgd", momentum=0.9)
+    assert type(sae._optimizer).__name__ == "SGD" and sae._optimizer.momentum == 0.9
+    sae.partial_fit(X, lr=5e-3, optimizer="sgd", momentum=0.5)  # another setting: afresh
+    assert sae._optimizer.momentum == 0.5 and sae._optimizer.n_steps == 1
+    sae.partial_fit(X, lr=5e-3)  # back to Adam: a fresh one, not the first
+    assert sae._optimizer is not adam and sae._optimizer.n_steps == 1
+    with pytest.raises(ValueError, match="momentum"):
+        sae.partial_fit(X, lr=5e-3, optimizer="sgd", momentum=-1.0)
+    # The model's parameters are read on every call.
+    sae.set_params(k=5)
+    sae.partial_fit(X, lr=5e-3)
+    assert (sae.transform(X) != 0).sum(axis=1).max() == 5
+    cfg = sae.config
+    cfg.k = 1  # a copy: changing it changes nothing
+    assert sae.config.k == 5 and sae.encode(X).values.shape[1] == 5
+
+
 # --------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_invariants_hold_in_both_precisions(small_data, dtype):

@@ -154,48 +154,117 @@ struct RowCandidates {
   bool full;
 };
 
+// Strided block maxima of key(p + bias) over a row of `width` entries, as select_topk_row
+// takes them: block b holds entries b, b + nb, b + 2*nb, ... (nb blocks of `w` entries; the
+// last width - w*nb entries are in no block). Returns the k-th largest block maximum, a lower
+// bound of the row's k-th largest key (k blocks each hold an entry reaching it). `M` and
+// `order` hold nb values each. NaN never raises a maximum.
+template <class T, class Key>
+inline T block_bound(const T* p, const T* bias, Index nb, Index w, Index k, Key key, T* M,
+                     T* order) {
+  std::fill(M, M + nb, -std::numeric_limits<T>::infinity());
+  for (Index t = 0; t < w; ++t) {
+    const T* r = p + t * nb;
+    const T* b = bias + t * nb;
+    for (Index i = 0; i < nb; ++i) {
+      const T v = key(r[i] + b[i]);
+      M[i] = v > M[i] ? v : M[i];
+    }
+  }
+  std::copy(M, M + nb, order);
+  std::nth_element(order, order + (k - 1), order + nb, [](T a, T b) { return a > b; });
+  return order[k - 1];
+}
+
+// Block width for block_bound on a row of `width` entries: the widest of 32, 16, ..., 2 that
+// leaves at least 2k blocks, or 1 when none does (then the bound is not worth taking).
+inline Index bound_block_width(Index width, Index k) {
+  Index w = 32;
+  while (w > 1 && width / w < 2 * k) w /= 2;
+  return w;
+}
+
+// Calls visit(i), in increasing i from `i` to `width`, for the entries whose key(p + bias)
+// reaches bar() (>= when kInclusive, > otherwise; NaN never does). The keys of a chunk are
+// compared with the bar in one vectorised pass into a bit mask and only the set bits are
+// visited; bar() is read once per chunk, so a visit may raise it for the next chunk (the
+// visit itself must check the current bar again).
+template <bool kInclusive, class T, class Key, class Bar, class Visit>
+inline void scan_row(const T* p, const T* bias, Index i, Index width, Key key, Bar bar,
+                     Visit visit) {
+  constexpr Index kChunk = 32;  // measured (callgrind): fewer instructions than 8, 16 or 64
+  for (; i + kChunk <= width; i += kChunk) {
+    const T b = bar();
+    std::uint32_t mask = 0;
+    for (Index l = 0; l < kChunk; ++l) {
+      const T v = key(p[i + l] + bias[i + l]);
+      mask |= std::uint32_t(kInclusive ? v >= b : v > b) << l;
+    }
+    for (; mask != 0; mask &= mask - 1) visit(i + lowest_set_bit(mask));
+  }
+  for (; i < width; ++i) {
+    const T v = key(p[i] + bias[i]);
+    if (kInclusive ? v >= bar() : v > bar()) visit(i);
+  }
+}
+
 // Folds one row of a tile (product values p[0:width) of latents j0.., bias alongside) into
 // the row's candidates, which hold at most `capacity` (> k, or >= every entry the range has)
 // entries: when full they are cut to the k best with nth_element and the threshold rises.
-// Once the set has a threshold, a chunk of entries is compared with it in one vectorised
-// pass into a bit mask, and only the entries that beat it are visited (NaN never does).
+// Entries arrive in index order, so once the set has a threshold a later entry must beat it
+// strictly (it loses a tie).
+//
+// A row's first tile in a thread's range starts with no threshold. Where the tile row is wide
+// enough (bound_block_width > 1), block_bound gives a lower bound of its k-th best key, only
+// the entries reaching it (about k to 2k) are visited, and the set is cut to k at once.
+// Otherwise every entry enters until the first cut. Measured at (256, 784, 1000, 25), one
+// thread: the encode took 5.17 ms without the bound (the cuts' nth_element 12% of it), 4.89
+// with it visiting block by block, less with the vectorised scan.
+// `scratch` holds at least `width` values.
 template <class T, class Key>
 inline void fold_tile_row(const T* p, const T* bias, Index width, Index j0, Index k,
-                          Index capacity, Key key, RowCandidates<T>& rc) {
-  auto keep = [&](Index i, T x, T v) {
-    rc.entries[rc.count++] = {v, x, j0 + i};
-    if (rc.count == capacity && capacity > k) {
-      std::nth_element(rc.entries, rc.entries + (k - 1), rc.entries + rc.count,
-                       preferred<KeptEntry<T>>);
-      rc.count = k;
-      rc.threshold = rc.entries[k - 1].key;
-      rc.full = true;
-    }
+                          Index capacity, Key key, RowCandidates<T>& rc, T* scratch) {
+  auto cut = [&] {  // count >= k; with count == k too, the k-th best must move to k - 1
+    std::nth_element(rc.entries, rc.entries + (k - 1), rc.entries + rc.count, preferred);
+    rc.count = k;
+    rc.threshold = rc.entries[k - 1].key;
+    rc.full = true;
   };
+  auto keep = [&](Index i, T x, T v) {
+    rc.entries[rc.count++] = {v, x, static_cast<LatentIndex>(j0 + i)};
+    if (rc.count == capacity && capacity > k) cut();
+  };
+  auto beats_threshold = [&](Index i) {
+    const T x = p[i] + bias[i];
+    const T v = selection_key(key(x));
+    if (v > rc.threshold) keep(i, x, v);  // a cut within the chunk may have raised it
+  };
+  auto threshold = [&] { return rc.threshold; };
   Index i = 0;
+  if (rc.count == 0) {
+    const Index w = bound_block_width(width, k);
+    const Index nb = width / w;
+    const T bound = w > 1 ? block_bound(p, bias, nb, w, k, key, scratch, scratch + nb)
+                          : -std::numeric_limits<T>::infinity();
+    // A -inf bound admits every entry (NaN as -inf too): the plain path below does that.
+    if (bound > -std::numeric_limits<T>::infinity()) {
+      scan_row<true>(p, bias, 0, width, key, [&] { return bound; }, [&](Index j) {
+        if (!rc.full) {
+          const T x = p[j] + bias[j];
+          keep(j, x, selection_key(key(x)));
+        } else {
+          beats_threshold(j);
+        }
+      });
+      if (!rc.full) cut();  // k blocks reach the bound, so at least k entries were kept
+      return;
+    }
+  }
   for (; i < width && !rc.full; ++i) {  // until the first cut, every entry enters
     const T x = p[i] + bias[i];
     keep(i, x, selection_key(key(x)));
   }
-  constexpr Index kChunk = 32;  // measured (callgrind): fewer instructions than 8, 16 or 64
-  for (; i + kChunk <= width; i += kChunk) {
-    const T threshold = rc.threshold;
-    std::uint32_t mask = 0;
-    for (Index l = 0; l < kChunk; ++l) {
-      mask |= std::uint32_t(key(p[i + l] + bias[i + l]) > threshold) << l;
-    }
-    for (; mask != 0; mask &= mask - 1) {
-      const Index l = lowest_set_bit(mask);
-      const T x = p[i + l] + bias[i + l];
-      const T v = selection_key(key(x));
-      if (v > rc.threshold) keep(i + l, x, v);  // a cut within the chunk raised the threshold
-    }
-  }
-  for (; i < width; ++i) {
-    const T x = p[i] + bias[i];
-    const T v = selection_key(key(x));
-    if (v > rc.threshold) keep(i, x, v);
-  }
+  scan_row<false>(p, bias, i, width, key, threshold, beats_threshold);
 }
 
 // encode_topk without the pre-activation matrix. Each thread walks its latent range in tiles
@@ -219,6 +288,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
   // entry is written before it is read): zeroing megabytes per call showed at small shapes.
   std::unique_ptr<T[]> tiles(new T[static_cast<size_t>(nt) * batch * tile_width]);
   std::unique_ptr<KeptEntry<T>[]> kept(new KeptEntry<T>[static_cast<size_t>(nt) * batch * capacity]);
+  std::unique_ptr<T[]> bounds(new T[static_cast<size_t>(nt) * tile_width]);  // fold_tile_row's scratch
   std::vector<RowCandidates<T>> rows(static_cast<size_t>(nt) * batch);
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i] = {kept.get() + i * capacity, 0, T(0), false};
@@ -238,12 +308,14 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     this_thread_range(n_latents, &c0, &c1, 16);
     T* buffer = tiles.get() + static_cast<size_t>(tid) * batch * tile_width;
     RowCandidates<T>* mine = rows.data() + static_cast<size_t>(tid) * batch;
+    T* scratch = bounds.get() + static_cast<size_t>(tid) * tile_width;
     auto walk = [&](auto key) {
       for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
         const Index width = j1 - j0;
         multiply_tile(centered, batch, d_in, W_enc_t, j0, j1, buffer, width);
         for (Index r = 0; r < batch; ++r) {
-          fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r]);
+          fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r],
+                        scratch);
         }
       });
     };
@@ -266,9 +338,9 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
       // Every thread kept at least min(k, its range) entries, so there are at least k.
       if (static_cast<Index>(merged.size()) > k) {
         std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(),
-                         preferred<KeptEntry<T>>);
+                         preferred);
       }
-      std::sort(merged.begin(), merged.begin() + k, preferred<KeptEntry<T>>);
+      std::sort(merged.begin(), merged.begin() + k, preferred);
       T* v = values + r * k;
       for (Index s = 0; s < k; ++s) {
         const T x = merged[s].pre;

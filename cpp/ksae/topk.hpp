@@ -15,11 +15,16 @@ struct Candidate {
 };
 
 // "a is preferred to b": larger value first, the lower index on ties (for any entry type
-// with a key and an index).
-template <class C>
-inline bool preferred(const C& a, const C& b) {
-  return a.key > b.key || (a.key == b.key && a.index < b.index);
-}
+// with a key and an index). A function object rather than a function, so that
+// std::nth_element and std::sort inline it: passed as a function pointer it was not, and
+// the selection's calls through it cost 1.3x the comparisons themselves (perf, 256 x 1000).
+struct Preferred {
+  template <class C>
+  bool operator()(const C& a, const C& b) const {
+    return a.key > b.key || (a.key == b.key && a.index < b.index);
+  }
+};
+inline constexpr Preferred preferred{};
 
 template <class T>
 inline T selection_key(T v) {
@@ -36,8 +41,8 @@ struct SelectionScratch {
 // Orders `c` by preference, keeps the first k and writes their indices.
 template <class T>
 inline void finish_selection(std::vector<Candidate<T>>& c, Index k, LatentIndex* out_index) {
-  if (static_cast<Index>(c.size()) > k) std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), preferred<Candidate<T>>);
-  std::sort(c.begin(), c.begin() + k, preferred<Candidate<T>>);
+  if (static_cast<Index>(c.size()) > k) std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), preferred);
+  std::sort(c.begin(), c.begin() + k, preferred);
   for (Index s = 0; s < k; ++s) out_index[s] = c[s].index;
 }
 

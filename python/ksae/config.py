@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Sequence
 
 ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh", "leaky_relu", "elu", "swish", "gelu", "softmax")
 NEEDS_SELECTED_PRE = ("swish", "gelu")  # derivatives that need the pre-activation itself
@@ -392,7 +392,7 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def check_known_keys(where: str, given: dict[str, Any], known: list[str]) -> None:
+def check_known_keys(where: str, given: dict[str, Any], known: Sequence[str]) -> None:
     """Raise a ValueError listing unknown keys, each with its closest known name."""
     unknown = [key for key in given if key not in known]
     if not unknown:
