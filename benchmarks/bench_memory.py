@@ -7,8 +7,10 @@ Each shape trains --steps Adam steps (``partial_fit`` on one float32 batch; the 
 also initialises the weights) in a fresh child process, which reports its peak resident set
 (VmHWM) and its resident set before the model existed (interpreter, NumPy, ksae and the
 batch). The need is what any Adam training of this model holds: the four parameters, their
-gradients and Adam's two moments, ``4 * (2 * n_latents * d_in + n_latents + d_in)`` values;
-a ksae step adds its scratch: two (batch, d_in) buffers and, per kernel thread, the fused
+gradients and Adam's two moments, ``4 * (2 * n_latents * d_in + n_latents + d_in)`` values.
+(A plain Adam step runs backward and the update as one kernel, ``_core.backward_adam``, which
+never writes the two weight gradients: their buffers stay untouched, so the peak can fall
+below the need.) A ksae step adds its scratch: two (batch, d_in) buffers and, per kernel thread, the fused
 encode's product tile (about 1 MiB) and its (batch, 2k + 16) candidates. (Without AuxK there
 is no (batch, n_latents) pre-activation array any more; with AuxK, which this script does not
 turn on, the step keeps one.) The issue's target is a peak within 20% of the need; a peak above --limit-gib

@@ -51,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=0.5, help="untimed calls first, about this long (at least one)")
     ap.add_argument("--numpy-max-elements", type=int, default=1 << 26,
                     help="leave the dense NumPy model out when batch * n_latents exceeds this")
+    ap.add_argument("--update-tolerance", type=float, default=UPDATE_TOLERANCE,
+                    help="largest relative difference of one Adam step's updates from ksae's. "
+                         "Adam's first step moves a weight by about lr whatever its gradient's "
+                         "size, so a float32 near-tie that one library's product rounds the "
+                         "other way (a different latent kept in one row) moves whole rows: at "
+                         "(4096, 2048, 65536, 64) one such row gave 5.6e-3 (see "
+                         "check_selection.py)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
     ap.add_argument("--json", help="also write the raw figures here (e.g. benchmarks/out/torch.json)")
     return ap.parse_args(argv)
@@ -65,7 +72,8 @@ def implementations(shape, args) -> list[str]:
     return impls
 
 
-def check_agreement(shape, impls: list[str], threads: int) -> dict[str, Any]:
+def check_agreement(shape, impls: list[str], threads: int,
+                    update_tolerance: float = UPDATE_TOLERANCE) -> dict[str, Any]:
     """Run the agreement check in a child, print it as a table, stop on a disagreement."""
     models = [impl for impl in impls if impl != "floor"]
     result = run_json_child([STEPS, "check", ",".join(map(str, shape)), "--threads", str(threads),
@@ -83,10 +91,10 @@ def check_agreement(shape, impls: list[str], threads: int) -> dict[str, Any]:
         if row["loss_before_vs_ksae"] >= LOSS_TOLERANCE or row["loss_after_vs_ksae"] >= LOSS_TOLERANCE:
             failures.append(f"{impl}: loss differs from ksae's")
         failures += [f"{impl}: {name} update differs from ksae's by {v:.1e}"
-                     for name, v in update.items() if not v < UPDATE_TOLERANCE]
+                     for name, v in update.items() if not v < update_tolerance]
     if failures:
         raise SystemExit("implementations disagree, not timing them:\n  " + "\n  ".join(failures))
-    print(f"agree: losses within {LOSS_TOLERANCE:g} (relative), updates within {UPDATE_TOLERANCE:g}")
+    print(f"agree: losses within {LOSS_TOLERANCE:g} (relative), updates within {update_tolerance:g}")
     return result
 
 
@@ -137,7 +145,8 @@ def main(argv=None) -> None:
 
     checks = {}
     for shape in shapes:
-        checks[shape] = check_agreement(shape, implementations(shape, args), args.threads)
+        checks[shape] = check_agreement(shape, implementations(shape, args), args.threads,
+                                        args.update_tolerance)
 
     print(f"\nthreads {args.threads} for every library; medians over {args.repeats} interleaved "
           "rounds, each implementation in a fresh process")

@@ -198,6 +198,57 @@ py::array decode_impl(const py::object& values, const py::object& indices,
   return out_arr;
 }
 
+// backward's arguments as checked pointers: shapes, dtypes, and the optional code buffers.
+template <class T>
+struct BackwardArgs {
+  Index n, d_in, d_out, batch, k;
+  ksae::Activation act;
+  const T* grad_out;
+  const T* centered;
+  const T* values;
+  const LatentIndex* indices;
+  const T* W_enc_t;
+  const T* W_dec;
+  const T* selected_pre;
+  const T* grad_values;
+  T* grad_values_out;
+
+  BackwardArgs(const py::object& go, const py::object& c, const py::object& v,
+               const py::object& ix, const py::object& we, const py::object& wd,
+               const std::string& activation, const py::object& sp, const py::object& gv,
+               const py::object& gvo) {
+    check_2d(we, "W_enc_t");
+    check_2d(wd, "W_dec");
+    check_2d(v, "values");
+    n = dim(we, 0), d_in = dim(we, 1), d_out = dim(wd, 1);
+    batch = dim(v, 0), k = dim(v, 1);
+    act = parse_activation(activation);
+    grad_out = checked<T>(go, "grad_out", {batch, d_out});
+    centered = checked<T>(c, "centered", {batch, d_in});
+    values = checked<T>(v, "values", {batch, k});
+    indices = checked<LatentIndex>(ix, "indices", {batch, k});
+    W_enc_t = checked<T>(we, "W_enc_t", {n, d_in});
+    W_dec = checked<T>(wd, "W_dec", {n, d_out});
+    selected_pre = optional_buffer<T>(sp, "selected_pre", batch, k, false);
+    if (selected_pre == nullptr && ksae::derivative_needs_pre(act)) {
+      throw py::value_error("selected_pre: the " + activation + " derivative needs the kept "
+                            "pre-activations (pass the array encode filled)");
+    }
+    grad_values = optional_buffer<T>(gv, "grad_values", batch, k, false);
+    grad_values_out = optional_buffer<T>(gvo, "grad_values_out", batch, k, true);
+    check_indices(indices, batch * k, k, n);
+  }
+
+  // b_dec's gradient needs d_out == d_in; `what` names the argument, `hint` the way out.
+  void require_square(const char* what, const char* hint) const {
+    if (d_out != d_in) {
+      throw py::value_error(std::string(what) + ": b_dec is both the input centering and the "
+                            "output bias, which needs W_dec's width (" + std::to_string(d_out) +
+                            ") to equal W_enc_t's (" + std::to_string(d_in) + ")" + hint);
+    }
+  }
+};
+
 template <class T>
 void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& values, const py::object& indices,
@@ -207,43 +258,64 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate,
                    const py::object& selected_pre, const py::object& grad_values,
                    const py::object& grad_values_out) {
-  check_2d(W_enc_t, "W_enc_t");
-  check_2d(W_dec, "W_dec");
-  check_2d(values, "values");
-  const Index n = dim(W_enc_t, 0), d_in = dim(W_enc_t, 1), d_out = dim(W_dec, 1);
-  const Index batch = dim(values, 0), k = dim(values, 1);
-  const auto act = parse_activation(activation);
-  const T* g = checked<T>(grad_out, "grad_out", {batch, d_out});
-  const T* c = checked<T>(centered, "centered", {batch, d_in});
-  const T* v = checked<T>(values, "values", {batch, k});
-  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
-  const T* we = checked<T>(W_enc_t, "W_enc_t", {n, d_in});
-  const T* wd = checked<T>(W_dec, "W_dec", {n, d_out});
-  T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {n, d_in}, true);
-  T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {n}, true);
-  T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {n, d_out}, true);
+  const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
+                          selected_pre, grad_values, grad_values_out);
+  T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {a.n, a.d_in}, true);
+  T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {a.n}, true);
+  T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {a.n, a.d_out}, true);
   T* gbd = nullptr;
   if (!grad_b_dec.is_none()) {
-    if (d_out != d_in) {
-      throw py::value_error("grad_b_dec: b_dec is both the input centering and the output bias, "
-                            "which needs W_dec's width (" + std::to_string(d_out) + ") to equal "
-                            "W_enc_t's (" + std::to_string(d_in) + "); pass None to leave the "
-                            "centering untrained");
-    }
-    gbd = checked<T>(grad_b_dec, "grad_b_dec", {d_in}, true);
+    a.require_square("grad_b_dec", "; pass None to leave the centering untrained");
+    gbd = checked<T>(grad_b_dec, "grad_b_dec", {a.d_in}, true);
   }
-  const T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, false);
-  if (sp == nullptr && ksae::derivative_needs_pre(act)) {
-    throw py::value_error("selected_pre: the " + activation + " derivative needs the kept "
-                          "pre-activations (pass the array encode filled)");
-  }
-  const T* gv = optional_buffer<T>(grad_values, "grad_values", batch, k, false);
-  T* gvo = optional_buffer<T>(grad_values_out, "grad_values_out", batch, k, true);
-  check_indices(ix, batch * k, k, n);
   py::gil_scoped_release release;
-  ksae::backward_topk<T>(g, c, v, ix, batch, k, we, wd, n, d_in, d_out, act,
-                         project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate, sp, gv,
-                         gvo);
+  ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
+                         a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
+                         gwe, gbe, gwd, gbd, accumulate, a.selected_pre, a.grad_values,
+                         a.grad_values_out);
+}
+
+// The four parameters' Adam moments, in the order W_enc_t, b_enc, W_dec, b_dec.
+constexpr const char* kParameterNames[4] = {"W_enc_t", "b_enc", "W_dec", "b_dec"};
+
+template <class T>
+void backward_adam_impl(const py::object& grad_out, const py::object& centered,
+                        const py::object& values, const py::object& indices,
+                        const py::object& W_enc_t, const py::object& b_enc,
+                        const py::object& W_dec, const py::object& b_dec,
+                        const py::sequence& exp_avg, const py::sequence& exp_avg_sq,
+                        const py::object& grad_b_enc, const py::object& grad_b_dec,
+                        const std::string& activation, bool project_decoder_grad,
+                        bool unit_norm_decoder, int n_threads, const ksae::AdamSettings& s,
+                        const py::object& selected_pre, const py::object& grad_values,
+                        const py::object& grad_values_out) {
+  const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
+                          selected_pre, grad_values, grad_values_out);
+  a.require_square("backward_adam", "; use backward for a classifier head");
+  const std::vector<Index> shapes[4] = {{a.n, a.d_in}, {a.n}, {a.n, a.d_out}, {a.d_in}};
+  T* params[4] = {checked<T>(W_enc_t, "W_enc_t", shapes[0], true),
+                  checked<T>(b_enc, "b_enc", shapes[1], true),
+                  checked<T>(W_dec, "W_dec", shapes[2], true),
+                  checked<T>(b_dec, "b_dec", shapes[3], true)};
+  if (py::len(exp_avg) != 4 || py::len(exp_avg_sq) != 4) {
+    throw py::value_error("exp_avg, exp_avg_sq: expected 4 arrays each (W_enc_t, b_enc, W_dec, "
+                          "b_dec), got " + std::to_string(py::len(exp_avg)) + " and " +
+                          std::to_string(py::len(exp_avg_sq)));
+  }
+  ksae::FusedAdam<T> adam{params[0], params[1], params[2], params[3], {}, {},
+                          ksae::AdamCoefficients<T>(s), unit_norm_decoder};
+  for (int i = 0; i < 4; ++i) {
+    const std::string name = kParameterNames[i];
+    adam.m[i] = checked<T>(exp_avg[i], ("exp_avg[" + name + "]").c_str(), shapes[i], true);
+    adam.v[i] = checked<T>(exp_avg_sq[i], ("exp_avg_sq[" + name + "]").c_str(), shapes[i], true);
+  }
+  T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {a.n}, true);
+  T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {a.d_in}, true);
+  py::gil_scoped_release release;
+  ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
+                         a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
+                         nullptr, gbe, nullptr, gbd, false, a.selected_pre, a.grad_values,
+                         a.grad_values_out, &adam);
 }
 
 template <class T>
@@ -514,6 +586,42 @@ PYBIND11_MODULE(_core, m) {
       "grad_values_out (batch x k) receives the whole gradient with respect to them. W_dec may\n"
       "be (n_latents x d_out) with d_out != d_in (a classifier head) when grad_b_dec is None\n"
       "(the input centering is then not trained).");
+
+  m.def(
+      "backward_adam",
+      [](const py::object& grad_out, const py::object& centered, const py::object& values,
+         const py::object& indices, const py::object& W_enc_t, const py::object& b_enc,
+         const py::object& W_dec, const py::object& b_dec, const py::sequence& exp_avg,
+         const py::sequence& exp_avg_sq, const py::object& grad_b_enc,
+         const py::object& grad_b_dec, const std::string& activation,
+         bool project_decoder_grad, bool unit_norm_decoder, int n_threads, double lr,
+         double beta1, double beta2, double eps, double weight_decay, long long step,
+         const py::object& selected_pre, const py::object& grad_values,
+         const py::object& grad_values_out) {
+        const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
+        check_adam(s);
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          backward_adam_impl<T>(grad_out, centered, values, indices, W_enc_t, b_enc, W_dec,
+                                b_dec, exp_avg, exp_avg_sq, grad_b_enc, grad_b_dec, activation,
+                                project_decoder_grad, unit_norm_decoder, n_threads, s,
+                                selected_pre, grad_values, grad_values_out);
+        };
+        if (is_float32(values)) run(0.0f);
+        else run(0.0);
+      },
+      py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
+      py::arg("W_enc_t"), py::arg("b_enc"), py::arg("W_dec"), py::arg("b_dec"),
+      py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad_b_enc"), py::arg("grad_b_dec"),
+      py::arg("activation"), py::arg("project_decoder_grad"), py::arg("unit_norm_decoder"),
+      py::arg("n_threads"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("step"), py::arg("selected_pre") = py::none(),
+      py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
+      "backward with the step's Adam update fused in: each latent's rows of W_enc (transposed)\n"
+      "and W_dec are updated as soon as their gradients are formed, and never stored; b_enc and\n"
+      "b_dec too (their gradients are written to grad_b_enc and grad_b_dec). Every parameter\n"
+      "and moment ends bitwise as backward followed by adam_update on each would leave it.\n"
+      "exp_avg and exp_avg_sq hold the moments of W_enc_t, b_enc, W_dec, b_dec in that order.");
 
   m.def(
       "select_topk",

@@ -446,6 +446,93 @@ def test_backward_out_of_range_indices_raise(rng):
         core_backward(p, grad_out, centered, values, indices, "relu", False, 1)
 
 
+FUSED_ADAM = dict(lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.01, step=3)
+PARAMETERS = ("W_enc_t", "b_enc", "W_dec", "b_dec")
+
+
+def fused_adam_state(rng, p, dtype):
+    """Copies of the parameters and Adam moments as a few earlier steps would leave them."""
+    params = {name: p[name].copy() for name in PARAMETERS}
+    m = {name: (1e-3 * rng.standard_normal(w.shape)).astype(dtype) for name, w in params.items()}
+    v = {name: (1e-6 * rng.random(w.shape)).astype(dtype) for name, w in params.items()}
+    return params, m, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("activation", ["relu", "swish", "softmax"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["free", "unit"])
+@pytest.mark.parametrize("code_grad", [False, True], ids=["", "code-grad"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_adam_bitwise_equals_backward_then_adam(rng, shape, activation, normalize,
+                                                         code_grad, n_threads, dtype):
+    # The fused kernel must leave every parameter and moment exactly as the backward kernel
+    # followed by adam_update on each parameter does, latents that no row selected included.
+    batch, d_in, n, k = shape
+    _, p, centered, values, indices, grad_out = backward_inputs(rng, batch, d_in, n, k, dtype,
+                                                                activation)
+    grad_values = rng.standard_normal((batch, k)).astype(dtype) if code_grad else None
+    sp = p["selected_pre"]
+    params, m, v = fused_adam_state(rng, p, dtype)
+    separate = {name: w.copy() for name, w in params.items()}
+    m2, v2 = {name: a.copy() for name, a in m.items()}, {name: a.copy() for name, a in v.items()}
+    grads = {name: np.empty_like(w) for name, w in params.items()}
+    _core.backward(grad_out, centered, values, indices, separate["W_enc_t"], separate["W_dec"],
+                   activation, normalize, n_threads, grads["W_enc_t"], grads["b_enc"],
+                   grads["W_dec"], grads["b_dec"], False, sp, grad_values)
+    a = FUSED_ADAM
+    for name in PARAMETERS:
+        _core.adam_update(separate[name], grads[name], m2[name], v2[name], a["lr"], a["beta1"],
+                          a["beta2"], a["eps"], a["weight_decay"], a["step"],
+                          normalize and name == "W_dec", n_threads)
+    grad_b_enc, grad_b_dec = np.full(n, np.nan, dtype), np.full(d_in, np.nan, dtype)
+    result = _core.backward_adam(
+        grad_out, centered, values, indices, params["W_enc_t"], params["b_enc"],
+        params["W_dec"], params["b_dec"], [m[name] for name in PARAMETERS],
+        [v[name] for name in PARAMETERS], grad_b_enc, grad_b_dec, activation, normalize,
+        normalize, n_threads, a["lr"], a["beta1"], a["beta2"], a["eps"], a["weight_decay"],
+        a["step"], sp, grad_values)
+    assert result is None
+    for name in PARAMETERS:
+        np.testing.assert_array_equal(params[name], separate[name], err_msg=name)
+        np.testing.assert_array_equal(m[name], m2[name], err_msg=f"exp_avg {name}")
+        np.testing.assert_array_equal(v[name], v2[name], err_msg=f"exp_avg_sq {name}")
+    np.testing.assert_array_equal(grad_b_enc, grads["b_enc"])
+    np.testing.assert_array_equal(grad_b_dec, grads["b_dec"])
+
+
+def test_backward_adam_binding_errors(rng):
+    _, p, centered, values, indices, grad_out = backward_inputs(rng, 4, 5, 7, 2, np.float64, "relu")
+    params, m, v = fused_adam_state(rng, p, np.float64)
+    a = FUSED_ADAM
+
+    def call(**replace):
+        kwargs = dict(grad_out=grad_out, centered=centered, values=values, indices=indices,
+                      **params, exp_avg=[m[name] for name in PARAMETERS],
+                      exp_avg_sq=[v[name] for name in PARAMETERS], grad_b_enc=np.zeros(7),
+                      grad_b_dec=np.zeros(5), activation="relu", project_decoder_grad=True,
+                      unit_norm_decoder=True, n_threads=1, **a)
+        kwargs.update(replace)
+        _core.backward_adam(**kwargs)
+
+    call()  # the unmodified call works
+    with pytest.raises(ValueError, match="exp_avg, exp_avg_sq: expected 4 arrays each"):
+        call(exp_avg=[m[name] for name in PARAMETERS[:3]])
+    with pytest.raises(ValueError, match=r"^exp_avg_sq\[W_dec\]: .*\(7, 5\).*\(7, 4\)"):
+        call(exp_avg_sq=[v["W_enc_t"], v["b_enc"], v["W_dec"][:, :4].copy(), v["b_dec"]])
+    with pytest.raises(TypeError, match=r"^exp_avg\[b_enc\]: .*float64.*float32"):
+        call(exp_avg=[m["W_enc_t"], m["b_enc"].astype(np.float32), m["W_dec"], m["b_dec"]])
+    frozen = params["b_dec"].copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="^b_dec: .*read-only"):
+        call(b_dec=frozen)
+    with pytest.raises(ValueError, match="step"):
+        call(step=0)
+    head = np.ascontiguousarray(rng.standard_normal((7, 3)))
+    with pytest.raises(ValueError, match="^backward_adam: b_dec is both"):
+        call(W_dec=head, grad_out=np.zeros((4, 3)), exp_avg_sq=[v["W_enc_t"], v["b_enc"], head, v["b_dec"]])
+
+
 def code_gradient_inputs(rng, batch, d_in, n, k, dtype, activation, d_out=None):
     """backward_inputs plus a random penalty gradient on the code and, with d_out, a head of
     width d_out in place of the decoder (grad_out and W_dec d_out wide)."""

@@ -159,6 +159,31 @@ def test_partial_fit_reuses_its_settings_only_while_they_repeat(rng):
     assert sae.config.k == 5 and sae.encode(X).values.shape[1] == 5
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "l1"])
+def test_the_fused_adam_step_trains_exactly_as_the_separate_kernels(rng, optimizer, sparsity):
+    # A plain Adam step runs backward and the update as one kernel (backward_adam); with a
+    # setting that needs the gradients first (here clipping at a norm never reached) the
+    # step runs them apart. Both must train to the same weights, bit for bit.
+    X = rng.standard_normal((96, 12)).astype(np.float32)
+    models = []
+    for clip in (None, 1e30):
+        sae = ksae.SparseAutoencoder(n_latents=40, k=4, sparsity=sparsity, random_state=0,
+                                     n_threads=2)
+        sae.fit(X, epochs=3, batch_size=16, lr=1e-2, optimizer=optimizer, clip_grad_norm=clip)
+        models.append(sae)
+    fused, separate = models
+    assert fused._fuses_adam(ksae.TrainConfig(optimizer=optimizer), None)
+    assert not separate._fuses_adam(ksae.TrainConfig(optimizer=optimizer, clip_grad_norm=1e30), None)
+    for name in fused._params:
+        np.testing.assert_array_equal(fused._params[name], separate._params[name], err_msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(fused._optimizer.state[name][key],
+                                          separate._optimizer.state[name][key], err_msg=key)
+    assert fused.history_["loss"] == separate.history_["loss"]
+    np.testing.assert_array_equal(fused.samples_since_fired_, separate.samples_since_fired_)
+
+
 # --------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_invariants_hold_in_both_precisions(small_data, dtype):

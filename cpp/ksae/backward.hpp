@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common.hpp"
+#include "optim.hpp"
 
 #include <vector>
 
@@ -34,6 +35,33 @@ struct LatentGroups {
   }
 };
 
+// The fused optimizer step of backward_topk: Adam (optim.hpp's formulation and constants)
+// on every parameter of the autoencoder, each latent's rows updated as soon as their
+// gradients are formed, so the weight gradients are never stored and read back. `m` and `v`
+// are the moments of W_enc_t, b_enc, W_dec and b_dec, in that order.
+template <class T>
+struct FusedAdam {
+  T* W_enc_t;
+  T* b_enc;
+  T* W_dec;
+  T* b_dec;
+  T* m[4];
+  T* v[4];
+  AdamCoefficients<T> coefficients;
+  bool unit_norm_decoder;  // W_dec's rows are rescaled to unit norm after their update
+
+  // Latent j's update from its gradient rows (ge: d_in values, gd: d_out) and grad_b_enc[j]:
+  // element for element what adam_update does to those rows.
+  void update_latent(Index j, const T* ge, const T* gd, const T* grad_b_enc, Index d_in,
+                     Index d_out) const {
+    const Index e = j * d_in, d = j * d_out;
+    coefficients.apply(W_dec + d, gd, m[2] + d, v[2] + d, 0, d_out);
+    if (unit_norm_decoder) normalize_span(W_dec + d, 0, d_out);
+    coefficients.apply(W_enc_t + e, ge, m[0] + e, v[0] + e, 0, d_in);
+    coefficients.apply(b_enc + j, grad_b_enc + j, m[1] + j, v[1] + j, 0, 1);
+  }
+};
+
 // Gradients of a loss L with respect to the parameters, given grad_out = dL/dX_hat:
 //     dvalues       = (grad_out @ W_dec.T)[selected] + grad_values     (batch x k)
 //     dpre          = dvalues * act'(pre), kept on the selected entries only
@@ -58,6 +86,12 @@ struct LatentGroups {
 // All outputs are overwritten (latents that no row selected get zero rows), or, with
 // `accumulate`, added to (latents that no row selected are left as they are): a second code
 // of the same batch, such as AuxK's, adds its gradients to the first one's.
+//
+// With `adam` (not with accumulate; grad_b_dec and d_out == d_in required), the step's Adam
+// update is fused in: grad_b_enc and grad_b_dec are written as above, grad_W_enc_t and
+// grad_W_dec are not (they may be null), and every parameter ends as
+// adam_update(param, its gradient) would leave it, bitwise, for every latent (those no row
+// selected take a zero gradient). W_enc_t and W_dec must be adam->W_enc_t and adam->W_dec.
 template <class T>
 void backward_topk(const T* grad_out, const T* centered, const T* values,
                    const LatentIndex* indices, Index batch, Index k, const T* W_enc_t,
@@ -65,7 +99,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
                    bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
                    T* grad_W_dec, T* grad_b_dec, bool accumulate = false,
                    const T* selected_pre = nullptr, const T* grad_values = nullptr,
-                   T* grad_values_out = nullptr) {
+                   T* grad_values_out = nullptr, const FusedAdam<T>* adam = nullptr) {
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
   using ConstRow = Eigen::Map<const RowVec>;
   using Row = Eigen::Map<RowVec>;
@@ -77,6 +111,10 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   std::vector<T> db_enc(static_cast<size_t>(n_latents), T(0));  // this call's part of grad_b_enc
   LatentGroups groups;
   groups.build(indices, batch, k, n_latents);
+  // Per thread with `adam`: the latent's two gradient rows, and a zero row for latents that
+  // no row selected. Allocated here: no exception may leave the parallel region.
+  const Index width = std::max(d_in, d_out);
+  std::vector<T> adam_rows(adam ? static_cast<size_t>(nt) * 3 * width : 0, T(0));
 
 #pragma omp parallel num_threads(nt)
   {
@@ -102,18 +140,64 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         }
       }
     }
+    // implicit barrier: dpre is complete.
 
-    std::vector<T> decoder_row;  // per thread: this call's decoder row when accumulating
-#pragma omp for schedule(dynamic, 64)
+#pragma omp for schedule(static)
     for (Index j = 0; j < n_latents; ++j) {
-      Row gd(grad_W_dec + j * d_out, d_out);
-      Row ge(grad_W_enc_t + j * d_in, d_in);
       const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
       if (begin == end) {
-        if (!accumulate) {
+        if (!accumulate) grad_b_enc[j] = T(0);
+        continue;
+      }
+      T gb = T(0);
+      for (Index e = begin; e < end; ++e) gb += dpre[groups.entries[e]];
+      db_enc[j] = gb;
+      grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
+    }
+    // implicit barrier: db_enc is complete.
+
+    // grad_b_dec (d_out == d_in), split by feature columns so each thread owns its outputs.
+    // It reads W_enc_t, so it comes before any fused update of W_enc_t.
+    Index c0 = 0, c1 = 0;
+    if (grad_b_dec) this_thread_range(d_in, &c0, &c1, 16);
+    if (c1 > c0) {
+      const Index w = c1 - c0;
+      Row acc(grad_b_dec + c0, w);
+      if (!accumulate) acc.setZero();
+      for (Index r = 0; r < batch; ++r) acc.noalias() += ConstRow(grad_out + r * d_out + c0, w);
+      for (Index j = 0; j < n_latents; ++j) {
+        if (groups.offsets[j] == groups.offsets[j + 1]) continue;
+        acc.noalias() -= db_enc[j] * ConstRow(W_enc_t + j * d_in + c0, w);
+      }
+      if (adam) adam->coefficients.apply(adam->b_dec, grad_b_dec, adam->m[3], adam->v[3], c0, c1);
+    }
+    if (adam) {
+#pragma omp barrier
+    }
+
+    std::vector<T> decoder_row;  // per thread: this call's decoder row when accumulating
+    T* fused_rows = nullptr;
+    if (adam) {
+      int tid = 0;
+#ifdef KSAE_HAVE_OPENMP
+      tid = omp_get_thread_num();
+#endif
+      fused_rows = adam_rows.data() + static_cast<size_t>(tid) * 3 * width;
+    }
+#pragma omp for schedule(dynamic, 64)
+    for (Index j = 0; j < n_latents; ++j) {
+      T* gd_row = adam ? fused_rows : grad_W_dec + j * d_out;
+      T* ge_row = adam ? fused_rows + width : grad_W_enc_t + j * d_in;
+      Row gd(gd_row, d_out);
+      Row ge(ge_row, d_in);
+      const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
+      if (begin == end) {
+        if (adam) {
+          const T* zero = fused_rows + 2 * width;
+          adam->update_latent(j, zero, zero, grad_b_enc, d_in, d_out);
+        } else if (!accumulate) {
           gd.setZero();
           ge.setZero();
-          grad_b_enc[j] = T(0);
         }
         continue;
       }
@@ -132,10 +216,6 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       weighted_row_sum(ge.data(), d_in, count, [&](Index e) {
         return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
       }, accumulate ? ge.data() : nullptr);
-      T gb = T(0);
-      for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
-      db_enc[j] = gb;
-      grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
       if (project_decoder_grad) {
         Row part(gd_out, d_out);
         ConstRow w(W_dec + j * d_out, d_out);
@@ -143,21 +223,8 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         if (ww > T(0)) part.noalias() -= (part.dot(w) / ww) * w;
         if (separate_decoder_row) gd.noalias() += part;
       }
-    }
-    // implicit barrier: db_enc is complete.
-
-    // grad_b_dec (d_out == d_in), split by feature columns so each thread owns its outputs.
-    Index c0 = 0, c1 = 0;
-    if (grad_b_dec) this_thread_range(d_in, &c0, &c1, 16);
-    if (c1 > c0) {
-      const Index w = c1 - c0;
-      Row acc(grad_b_dec + c0, w);
-      if (!accumulate) acc.setZero();
-      for (Index r = 0; r < batch; ++r) acc.noalias() += ConstRow(grad_out + r * d_out + c0, w);
-      for (Index j = 0; j < n_latents; ++j) {
-        if (groups.offsets[j] == groups.offsets[j + 1]) continue;
-        acc.noalias() -= db_enc[j] * ConstRow(W_enc_t + j * d_in + c0, w);
-      }
+      // The rows' gradients are complete: update the latent's parameters.
+      if (adam) adam->update_latent(j, ge_row, gd_row, grad_b_enc, d_in, d_out);
     }
   }
 }

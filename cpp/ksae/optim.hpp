@@ -67,6 +67,25 @@ inline void adam_span(T* __restrict param, const T* __restrict grad, T* __restri
   }
 }
 
+// The constants of one Adam update in the parameters' precision, computed once per step.
+template <class T>
+struct AdamCoefficients {
+  T b1, one_minus_b1, b2, one_minus_b2, eps, step_size, inv_sqrt_bc2, decay;
+
+  explicit AdamCoefficients(const AdamSettings& s)
+      : b1(T(s.beta1)), one_minus_b1(T(1.0 - s.beta1)), b2(T(s.beta2)),
+        one_minus_b2(T(1.0 - s.beta2)), eps(T(s.eps)),
+        step_size(T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))))),
+        inv_sqrt_bc2(T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))))),
+        decay(T(1.0 - s.lr * s.weight_decay)) {}
+
+  // adam_span of [begin, end) with these constants.
+  void apply(T* param, const T* grad, T* m, T* v, Index begin, Index end) const {
+    adam_span(param, grad, m, v, begin, end, b1, one_minus_b1, b2, one_minus_b2, eps,
+              step_size, inv_sqrt_bc2, decay);
+  }
+};
+
 //
 // Lazy variant: with `only_rows` (n_only increasing row indices), only those rows are read
 // and written; the others keep their parameters and moments as they are (no decay, no
@@ -76,14 +95,9 @@ template <class T>
 void adam_update(T* param, const T* grad, T* m, T* v, Index rows, Index cols,
                  const AdamSettings& s, bool unit_norm_rows, int n_threads,
                  const LatentIndex* only_rows = nullptr, Index n_only = 0) {
-  const T b1 = T(s.beta1), b2 = T(s.beta2), eps = T(s.eps);
-  const T one_minus_b1 = T(1.0 - s.beta1), one_minus_b2 = T(1.0 - s.beta2);
-  const T step_size = T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
-  const T inv_sqrt_bc2 = T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
-  const T decay = T(1.0 - s.lr * s.weight_decay);
+  const AdamCoefficients<T> c(s);
   auto update = [=](Index begin, Index end, bool row) {
-    adam_span(param, grad, m, v, begin, end, b1, one_minus_b1, b2, one_minus_b2, eps, step_size,
-              inv_sqrt_bc2, decay);
+    c.apply(param, grad, m, v, begin, end);
     if (row) normalize_span(param, begin, end);
   };
   if (only_rows == nullptr) {

@@ -1,5 +1,7 @@
 """Type stub of ksae's private C++ extension (see cpp/bindings.cpp)."""
 
+from typing import Sequence
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -23,6 +25,18 @@ def backward(
     grad_W_enc_t: NDArray[np.floating], grad_b_enc: NDArray[np.floating],
     grad_W_dec: NDArray[np.floating], grad_b_dec: NDArray[np.floating] | None,
     accumulate: bool = False, selected_pre: NDArray[np.floating] | None = None,
+    grad_values: NDArray[np.floating] | None = None,
+    grad_values_out: NDArray[np.floating] | None = None,
+) -> None: ...
+def backward_adam(
+    grad_out: NDArray[np.floating], centered: NDArray[np.floating], values: NDArray[np.floating],
+    indices: NDArray[np.int64], W_enc_t: NDArray[np.floating], b_enc: NDArray[np.floating],
+    W_dec: NDArray[np.floating], b_dec: NDArray[np.floating],
+    exp_avg: Sequence[NDArray[np.floating]], exp_avg_sq: Sequence[NDArray[np.floating]],
+    grad_b_enc: NDArray[np.floating], grad_b_dec: NDArray[np.floating], activation: str,
+    project_decoder_grad: bool, unit_norm_decoder: bool, n_threads: int, lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    selected_pre: NDArray[np.floating] | None = None,
     grad_values: NDArray[np.floating] | None = None,
     grad_values_out: NDArray[np.floating] | None = None,
 ) -> None: ...

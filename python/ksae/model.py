@@ -20,7 +20,7 @@ from . import training
 from .hygiene import initial_decoder_bias, normalize_rows
 from .losses import add_weight_penalties, reconstruction_loss, sigmoid
 from .metrics import fraction_of_variance_explained
-from .optim import Optimizer, make_optimizer
+from .optim import Adam, Optimizer, make_optimizer
 from .optim import clip_grad_norm as clip_gradients
 from .sparsity import active_mask, code_penalty, jumprelu_threshold_gradient, jumprelu_values
 from .validation import as_code, as_float_matrix
@@ -467,6 +467,20 @@ class SparseAutoencoder:
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         sparsity_loss, grad_values = code_penalty(values, indices, cfg, train_cfg)
         self._check_finite("loss", loss + sparsity_loss)
+        if self._fuses_adam(train_cfg, gap):
+            # Backward and Adam in one pass: each latent's rows are updated as soon as their
+            # gradients are formed (bitwise as the separate calls below would leave them).
+            opt = self._optimizer
+            opt.n_steps += 1
+            exp_avg, exp_avg_sq = opt.moments(p)
+            _core.backward_adam(grad_out, ws["centered"], values, indices, p["W_enc_t"],
+                                p["b_enc"], p["W_dec"], p["b_dec"], exp_avg, exp_avg_sq,
+                                g["b_enc"], g["b_dec"], cfg.activation, cfg.normalize_decoder,
+                                cfg.normalize_decoder, nt, opt.lr, opt.betas[0], opt.betas[1],
+                                opt.eps, opt.weight_decay, opt.n_steps, selected_pre, grad_values)
+            self._count_firing(batch, values, indices, cfg)
+            self.n_iter_ += 1
+            return StepResult(loss, values, indices, 0.0, active_mask(values, cfg), sparsity_loss)
         dvalues = np.empty_like(values) if gap is not None else None  # dL/dz for the thresholds
         _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                        cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
@@ -483,13 +497,30 @@ class SparseAutoencoder:
         if train_cfg.clip_grad_norm is not None:
             self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
         rows = self._touched_rows(indices, train_cfg) if train_cfg.lazy_adam else None
-        active = active_mask(values, cfg)
-        self.samples_since_fired_ += batch.shape[0]
-        self.samples_since_fired_[indices[active]] = 0
+        active = self._count_firing(batch, values, indices, cfg)
         self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
                              else frozenset(), n_threads=nt, rows=rows)
         self.n_iter_ += 1
         return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
+
+    def _count_firing(self, batch: np.ndarray, values: np.ndarray, indices: np.ndarray,
+                      cfg: ModelConfig) -> np.ndarray:
+        """Dead-latent bookkeeping of a step: every latent ages by the batch, those that fired
+        start again from 0. Returns the mask of the code's active entries."""
+        active = active_mask(values, cfg)
+        self.samples_since_fired_ += batch.shape[0]
+        self.samples_since_fired_[indices[active]] = 0
+        return active
+
+    def _fuses_adam(self, train_cfg: TrainConfig, gap: np.ndarray | None) -> bool:
+        """Whether this step's Adam update can be fused into the backward kernel: plain
+        (not lazy) Adam on exactly the four parameters, with nothing between the gradients and
+        the update (no AuxK second backward, weight penalty or clipping) and no threshold
+        gradient (jumprelu)."""
+        return (type(self._optimizer) is Adam and not self._optimizer.lazy and gap is None
+                and train_cfg.auxk_coef == 0 and not train_cfg.l1_weight
+                and not train_cfg.l2_weight and train_cfg.clip_grad_norm is None
+                and len(self._params) == len(PARAM_NAMES))
 
     def _encode(self, X: np.ndarray, width: int, cfg: ModelConfig, nt: int,
                 ws: dict[str, np.ndarray], selected_pre: np.ndarray | None = None,

@@ -113,6 +113,12 @@ class Adam(Optimizer):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay, "lazy": self.lazy}
 
+    def moments(self, params: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The first and second moments of ``params``, in their order (created on first use),
+        for a kernel that applies this optimizer's update itself (``_core.backward_adam``)."""
+        return ([self._buffer(name, "exp_avg", p) for name, p in params.items()],
+                [self._buffer(name, "exp_avg_sq", p) for name, p in params.items()])
+
 
 class RMSprop(Optimizer):
     """RMSprop, as ``torch.optim.RMSprop`` computes it (not centered), with optional momentum
