@@ -88,7 +88,7 @@ def build(impl: str, X, sae, weights: dict[str, Any], k: int) -> Step:
         return Step(lambda: X @ W_enc)
     if impl == "ksae":
         return Step(lambda: sae.partial_fit(X, lr=LR), lambda: mse(sae.reconstruct(X), X),
-                    lambda: ksae_weights(sae), "ksae Adam (one fused C++ pass per parameter)")
+                    lambda: ksae_weights(sae), "ksae Adam (fused into the backward kernel)")
     if impl == "numpy":
         from ksae.reference import DenseNumpySAE
 
