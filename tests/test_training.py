@@ -150,6 +150,9 @@ def test_partial_fit_reuses_its_settings_only_while_they_repeat(rng):
     assert sae._optimizer is not adam and sae._optimizer.n_steps == 1
     with pytest.raises(ValueError, match="momentum"):
         sae.partial_fit(X, lr=5e-3, optimizer="sgd", momentum=-1.0)
+    sae.partial_fit(X, lr=5e-3, lazy_adam=True)
+    with pytest.raises(TypeError, match="lazy_adam"):  # 1 == True, but it is no bool
+        sae.partial_fit(X, lr=5e-3, lazy_adam=1)
     # The model's parameters are read on every call.
     sae.set_params(k=5)
     sae.partial_fit(X, lr=5e-3)

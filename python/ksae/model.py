@@ -304,8 +304,9 @@ class SparseAutoencoder:
         """partial_fit's validated TrainConfig, reused while the arguments repeat (as in a
         loop of calls): building and validating it took 100 us of a 5 ms step. A change of
         settings other than lr makes a new optimizer (see partial_fit)."""
-        try:
-            key = (lr, optimizer, tuple(sorted(options.items())))
+        try:  # types too: True == 1, but a flag given 1 must still be refused
+            key = tuple((name, type(value), value) for name, value in
+                        sorted({**options, "lr": lr, "optimizer": optimizer}.items()))
             hash(key)
         except TypeError:  # an unhashable option value: validate afresh
             key = None
