@@ -66,29 +66,29 @@ def median(samples: Sequence[float]) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, which on
-    Linux carries the parent's peak across fork+exec, it counts this process only."""
+def _status_mib(field: str) -> float | None:
+    """A kB field of /proc/self/status in MiB, or None where there is no such file."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, which on
+    Linux carries the parent's peak across fork+exec, it counts this process only."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mib() -> float:
     """This process's resident set now (VmRSS), for a baseline before the model exists."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    now = _status_mib("VmRSS")
+    return now if now is not None else float("nan")
 
 
 def machine() -> str:

@@ -319,13 +319,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
         }
       });
     };
-    if (act == Activation::swish) {
-      walk([](T x) { return activate(Activation::swish, x); });
-    } else if (act == Activation::gelu) {
-      walk([](T x) { return activate(Activation::gelu, x); });
-    } else {
-      walk([](T x) { return x; });
-    }
+    with_selection_key<T>(act, walk);
 #pragma omp barrier
     std::vector<KeptEntry<T>> merged;
 #pragma omp for schedule(static)
@@ -376,13 +370,7 @@ void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Inde
       if (act == Activation::softmax) normalize_softmax(v, k);
     }
   };
-  if (act == Activation::swish) {
-    run([](T x) { return activate(Activation::swish, x); });
-  } else if (act == Activation::gelu) {
-    run([](T x) { return activate(Activation::gelu, x); });
-  } else {
-    run([](T x) { return x; });
-  }
+  with_selection_key<T>(act, run);
 }
 
 // select_rows as a kernel of its own: picks a second code from the pre-activations an

@@ -31,6 +31,20 @@ inline T selection_key(T v) {
   return std::isnan(v) ? -std::numeric_limits<T>::infinity() : v;
 }
 
+// Calls f(key) with the selection key of an activation, as a lambda the caller's loops can
+// inline: the activation itself for swish and gelu (not monotone, so the top-k ranks
+// act(pre)), the identity for every other (monotone) activation.
+template <class T, class F>
+inline void with_selection_key(Activation act, F f) {
+  if (act == Activation::swish) {
+    f([](T x) { return activate(Activation::swish, x); });
+  } else if (act == Activation::gelu) {
+    f([](T x) { return activate(Activation::gelu, x); });
+  } else {
+    f([](T x) { return x; });
+  }
+}
+
 // Scratch space for select_topk_row, reused across the rows a thread handles.
 template <class T>
 struct SelectionScratch {

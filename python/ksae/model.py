@@ -468,50 +468,51 @@ class SparseAutoencoder:
         loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
         sparsity_loss, grad_values = code_penalty(values, indices, cfg, train_cfg)
         self._check_finite("loss", loss + sparsity_loss)
-        if self._fuses_adam(train_cfg, gap):
-            # Backward and Adam in one pass: each latent's rows are updated as soon as their
-            # gradients are formed (bitwise as the separate calls below would leave them).
-            opt = self._optimizer
-            opt.n_steps += 1
-            exp_avg, exp_avg_sq = opt.moments(p)
-            _core.backward_adam(grad_out, ws["centered"], values, indices, p["W_enc_t"],
-                                p["b_enc"], p["W_dec"], p["b_dec"], exp_avg, exp_avg_sq,
-                                g["b_enc"], g["b_dec"], cfg.activation, cfg.normalize_decoder,
-                                cfg.normalize_decoder, nt, opt.lr, opt.betas[0], opt.betas[1],
-                                opt.eps, opt.weight_decay, opt.n_steps, selected_pre, grad_values)
-            self._count_firing(batch, values, indices, cfg)
-            self.n_iter_ += 1
-            return StepResult(loss, values, indices, 0.0, active_mask(values, cfg), sparsity_loss)
-        dvalues = np.empty_like(values) if gap is not None else None  # dL/dz for the thresholds
-        _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
-                       cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                       g["W_dec"], g["b_dec"], False, selected_pre, grad_values, dvalues)
-        if gap is not None:
-            jumprelu_threshold_gradient(gap, indices, dvalues, p["log_threshold"],
-                                        train_cfg.jumprelu_bandwidth, train_cfg.l0_coef,
-                                        g["log_threshold"])
-        auxk_loss = 0.0
-        if auxk:
-            auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
-        if train_cfg.l1_weight or train_cfg.l2_weight:
-            add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
-        if train_cfg.clip_grad_norm is not None:
-            self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
-        rows = self._touched_rows(indices, train_cfg) if train_cfg.lazy_adam else None
-        active = self._count_firing(batch, values, indices, cfg)
-        self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
-                             else frozenset(), n_threads=nt, rows=rows)
-        self.n_iter_ += 1
-        return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
-
-    def _count_firing(self, batch: np.ndarray, values: np.ndarray, indices: np.ndarray,
-                      cfg: ModelConfig) -> np.ndarray:
-        """Dead-latent bookkeeping of a step: every latent ages by the batch, those that fired
-        start again from 0. Returns the mask of the code's active entries."""
+        fused = self._fuses_adam(train_cfg, gap)
+        auxk_loss, rows = 0.0, None
+        if fused:
+            self._backward_adam(grad_out, ws["centered"], values, indices, cfg, nt,
+                                selected_pre, grad_values)
+        else:
+            dvalues = np.empty_like(values) if gap is not None else None  # dL/dz for the thresholds
+            _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
+                           cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
+                           g["W_dec"], g["b_dec"], False, selected_pre, grad_values, dvalues)
+            if gap is not None:
+                jumprelu_threshold_gradient(gap, indices, dvalues, p["log_threshold"],
+                                            train_cfg.jumprelu_bandwidth, train_cfg.l0_coef,
+                                            g["log_threshold"])
+            if auxk:
+                auxk_loss = self._auxk_backward(batch, grad_out, ws, cfg, train_cfg, nt)
+            if train_cfg.l1_weight or train_cfg.l2_weight:
+                add_weight_penalties(p, g, train_cfg.l1_weight, train_cfg.l2_weight)
+            if train_cfg.clip_grad_norm is not None:
+                self._check_finite("gradient norm", clip_gradients(g, train_cfg.clip_grad_norm, nt))
+            # Before the firing counts move: with AuxK the dead latents count as touched.
+            rows = self._touched_rows(indices, train_cfg) if train_cfg.lazy_adam else None
         active = active_mask(values, cfg)
         self.samples_since_fired_ += batch.shape[0]
         self.samples_since_fired_[indices[active]] = 0
-        return active
+        if not fused:
+            self._optimizer.step(p, g, unit_norm_rows=frozenset({"W_dec"}) if cfg.normalize_decoder
+                                 else frozenset(), n_threads=nt, rows=rows)
+        self.n_iter_ += 1
+        return StepResult(loss, values, indices, auxk_loss, active, sparsity_loss)
+
+    def _backward_adam(self, grad_out: np.ndarray, centered: np.ndarray, values: np.ndarray,
+                       indices: np.ndarray, cfg: ModelConfig, nt: int,
+                       selected_pre: np.ndarray | None, grad_values: np.ndarray | None) -> None:
+        """Backward and the Adam update in one kernel: each latent's rows are updated as soon
+        as their gradients are formed, bitwise as backward then Optimizer.step would leave
+        them (the weight gradients are never stored). See _fuses_adam for when it applies."""
+        p, g, opt = self._params, self._grads, self._optimizer
+        opt.n_steps += 1
+        exp_avg, exp_avg_sq = opt.moments(p)
+        _core.backward_adam(grad_out, centered, values, indices, p["W_enc_t"], p["b_enc"],
+                            p["W_dec"], p["b_dec"], exp_avg, exp_avg_sq, g["b_enc"], g["b_dec"],
+                            cfg.activation, cfg.normalize_decoder, cfg.normalize_decoder, nt,
+                            opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay,
+                            opt.n_steps, selected_pre, grad_values)
 
     def _fuses_adam(self, train_cfg: TrainConfig, gap: np.ndarray | None) -> bool:
         """Whether this step's Adam update can be fused into the backward kernel: plain
