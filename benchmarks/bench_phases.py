@@ -5,6 +5,14 @@ encode with its product and selection, the sparse decode, the loss, the backward
 update of all four parameters) next to the bare NumPy product ``X @ W_enc`` and the whole
 step, each thread count in a fresh child process with every pool pinned (see harness.py).
 
+Each phase is first timed alone, called over and over, so its data stays in cache. A second
+table times the same kernels inside real ``partial_fit`` steps (the fused step: backward and
+Adam in one kernel), where each finds the caches as the other phases left them; "Python and
+the rest" is what the step spends outside them. A third figure, "Adam at cache speed", is
+the Adam update's arithmetic alone: the update of an L2-sized slice on one thread, scaled to
+the model's parameter count and divided by the thread count. Against the in-step backward it shows what the memory traffic of the
+parameters and moments costs.
+
     python benchmarks/bench_phases.py --threads 1,2 --shape 1024,768,16384,32
 """
 
@@ -12,17 +20,80 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, median, parse_shape, pin_threads, run_json_child  # noqa: E402
+from harness import machine, median, parse_shape, pin_threads, run_json_child, time_calls  # noqa: E402
 
 PHASES = ("floor", "step", "encode", "decode", "loss", "backward", "adam")
+IN_STEP = ("encode", "decode", "loss", "backward_adam")
+
+
+def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
+    """Median seconds of the whole step and of each kernel it calls, timed inside real
+    partial_fit steps: the model's module sees a view of _core (and of its loss) that times
+    every call."""
+    import ksae.model as model_module
+
+    calls: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            result = fn(*args, **kwargs)
+            calls.setdefault(name, []).append(time.perf_counter() - t)
+            return result
+        return call
+
+    class TimedCore:
+        def __init__(self, core: Any) -> None:
+            self._core = core
+
+        def __getattr__(self, name: str) -> Any:
+            return timed(name, getattr(self._core, name))
+
+    core, loss = model_module._core, model_module.reconstruction_loss
+    model_module._core = TimedCore(core)
+    model_module.reconstruction_loss = timed("loss", loss)
+    try:
+        steps = time_calls(lambda: sae.partial_fit(X), seconds)
+    finally:
+        model_module._core, model_module.reconstruction_loss = core, loss
+    n = len(steps)  # time_calls' warm-up calls came first: keep the timed steps' calls
+    out = {name: median(samples[-n:]) for name, samples in calls.items()}
+    out["step"] = median(steps)
+    return out
+
+
+def adam_at_cache_speed(sae: Any, threads: int) -> float:
+    """Seconds the Adam update of all the model's parameters would take if its arithmetic
+    were the only cost: a 2**16-element slice (1 MiB of parameter, gradient and moments, in
+    L2) updated over and over on one thread, scaled to the parameter count."""
+    import numpy as np
+
+    from ksae import _core
+    from ksae.buffers import aligned_empty
+
+    n = 1 << 16
+    rng = np.random.default_rng(0)
+    param, grad, m, v = (aligned_empty((1, n), np.float32) for _ in range(4))  # as the model's
+    param[:], grad[:], m[:], v[:] = rng.standard_normal(n), rng.standard_normal(n), 0, 1e-4
+    calls = 2000
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            _core.adam_update(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 10, False, 1)
+        samples.append((time.perf_counter() - t) / calls)
+    total = sum(value.size for value in sae._params.values())
+    return median(samples) * total / n / threads
 
 
 def child(shape: tuple[int, int, int, int], threads: int, seconds: float) -> dict[str, float]:
     pin_threads(threads)
-    from harness import limit_blas_threads, time_calls
+    from harness import limit_blas_threads
 
     limit_blas_threads(threads)
     import numpy as np
@@ -57,6 +128,8 @@ def child(shape: tuple[int, int, int, int], threads: int, seconds: float) -> dic
     opt = sae._optimizer
     out["adam"] = median(time_calls(lambda: opt.step(p, g, unit_norm_rows=frozenset({"W_dec"}),
                                                      n_threads=threads), seconds))
+    out.update({f"in_step_{name}": value for name, value in in_step(sae, X, seconds).items()})
+    out["adam_at_cache_speed"] = adam_at_cache_speed(sae, threads)
     return {name: 1e3 * value for name, value in out.items()}
 
 
@@ -75,14 +148,26 @@ def main() -> None:
         return
     counts = [int(t) for t in args.threads.split(",")]
     print(f"{machine()}\nshape (batch, d_in, n_latents, k) = {shape}; medians in ms\n")
+    print("Each phase alone:\n")
     print("| threads | " + " | ".join(PHASES) + " | step / floor | rest of step |")
     print("|---" * (len(PHASES) + 3) + "|")
+    results = {}
     for n in counts:
-        r = run_json_child([__file__, "--shape", args.shape, "--seconds", str(args.seconds),
-                            "--child", str(n)], n)
+        r = results[n] = run_json_child([__file__, "--shape", args.shape, "--seconds",
+                                         str(args.seconds), "--child", str(n)], n)
         rest = r["step"] - r["encode"] - r["decode"] - r["loss"] - r["backward"] - r["adam"]
         print(f"| {n} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES)
               + f" | {r['step'] / r['floor']:.2f}x | {rest:.2f} |", flush=True)
+    print("\nThe same kernels inside partial_fit steps (same children):\n")
+    print("| threads | floor | step | " + " | ".join(IN_STEP)
+          + " | Python and the rest | step / floor | Adam at cache speed |")
+    print("|---" * (len(IN_STEP) + 6) + "|")
+    for n, r in results.items():
+        parts = [r.get(f"in_step_{name}", 0.0) for name in IN_STEP]
+        step = r["in_step_step"]
+        print(f"| {n} | {r['floor']:.2f} | {step:.2f} | " + " | ".join(f"{v:.2f}" for v in parts)
+              + f" | {step - sum(parts):.2f} | {step / r['floor']:.2f}x"
+              f" | {r['adam_at_cache_speed']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -198,6 +199,43 @@ py::array decode_impl(const py::object& values, const py::object& indices,
   return out_arr;
 }
 
+template <class T>
+py::tuple decode_mse_impl(const py::object& values, const py::object& indices,
+                          const py::object& W_dec, const py::object& b_dec, const py::object& X,
+                          int n_threads, const py::object& grad_out, const py::object& dots) {
+  check_2d(W_dec, "W_dec");
+  check_2d(values, "values");
+  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
+  const T* v = checked<T>(values, "values", {batch, k});
+  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
+  const T* w = checked<T>(W_dec, "W_dec", {n, d});
+  const T* bd = checked<T>(b_dec, "b_dec", {d});
+  const T* x = checked<T>(X, "X", {batch, d});
+  check_indices(ix, batch * k, k, n);
+  auto output = [](const py::object& given, const char* name, Index rows, Index cols) {
+    if (given.is_none()) return py::array_t<T>({rows, cols});
+    checked<T>(given, name, {rows, cols}, true);
+    return py::reinterpret_borrow<py::array_t<T>>(given);
+  };
+  py::array_t<T> g = output(grad_out, "grad_out", batch, d);
+  py::array_t<T> dd = output(dots, "dots", batch, k);
+  T* gp = g.mutable_data();
+  T* dp = dd.mutable_data();
+  // Both are C-contiguous batch x d: they overlap when they start less than batch*d apart.
+  const auto gap = reinterpret_cast<std::uintptr_t>(gp) > reinterpret_cast<std::uintptr_t>(x)
+                       ? reinterpret_cast<std::uintptr_t>(gp) - reinterpret_cast<std::uintptr_t>(x)
+                       : reinterpret_cast<std::uintptr_t>(x) - reinterpret_cast<std::uintptr_t>(gp);
+  if (gap < static_cast<std::uintptr_t>(batch * d) * sizeof(T)) {
+    throw py::value_error("grad_out: must not overlap X (X is read while grad_out is written)");
+  }
+  double loss;
+  {
+    py::gil_scoped_release release;
+    loss = ksae::decode_mse<T>(v, ix, batch, k, w, bd, x, d, n_threads, gp, dp);
+  }
+  return py::make_tuple(loss, g, dd);
+}
+
 // backward's arguments as checked pointers: shapes, dtypes, and the optional code buffers.
 template <class T>
 struct BackwardArgs {
@@ -212,11 +250,12 @@ struct BackwardArgs {
   const T* selected_pre;
   const T* grad_values;
   T* grad_values_out;
+  const T* decoder_dots;
 
   BackwardArgs(const py::object& go, const py::object& c, const py::object& v,
                const py::object& ix, const py::object& we, const py::object& wd,
                const std::string& activation, const py::object& sp, const py::object& gv,
-               const py::object& gvo) {
+               const py::object& gvo, const py::object& dots) {
     check_2d(we, "W_enc_t");
     check_2d(wd, "W_dec");
     check_2d(v, "values");
@@ -236,6 +275,7 @@ struct BackwardArgs {
     }
     grad_values = optional_buffer<T>(gv, "grad_values", batch, k, false);
     grad_values_out = optional_buffer<T>(gvo, "grad_values_out", batch, k, true);
+    decoder_dots = optional_buffer<T>(dots, "decoder_dots", batch, k, false);
     check_indices(indices, batch * k, k, n);
   }
 
@@ -257,9 +297,9 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& grad_W_enc_t, const py::object& grad_b_enc,
                    const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate,
                    const py::object& selected_pre, const py::object& grad_values,
-                   const py::object& grad_values_out) {
+                   const py::object& grad_values_out, const py::object& decoder_dots) {
   const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                          selected_pre, grad_values, grad_values_out);
+                          selected_pre, grad_values, grad_values_out, decoder_dots);
   T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {a.n, a.d_in}, true);
   T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {a.n}, true);
   T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {a.n, a.d_out}, true);
@@ -272,7 +312,7 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
   ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
                          a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
                          gwe, gbe, gwd, gbd, accumulate, a.selected_pre, a.grad_values,
-                         a.grad_values_out);
+                         a.grad_values_out, nullptr, a.decoder_dots);
 }
 
 // The four parameters' Adam moments, in the order W_enc_t, b_enc, W_dec, b_dec.
@@ -288,9 +328,9 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
                         const std::string& activation, bool project_decoder_grad,
                         bool unit_norm_decoder, int n_threads, const ksae::AdamSettings& s,
                         const py::object& selected_pre, const py::object& grad_values,
-                        const py::object& grad_values_out) {
+                        const py::object& grad_values_out, const py::object& decoder_dots) {
   const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                          selected_pre, grad_values, grad_values_out);
+                          selected_pre, grad_values, grad_values_out, decoder_dots);
   a.require_square("backward_adam", "; use backward for a classifier head");
   const std::vector<Index> shapes[4] = {{a.n, a.d_in}, {a.n}, {a.n, a.d_out}, {a.d_in}};
   T* params[4] = {checked<T>(W_enc_t, "W_enc_t", shapes[0], true),
@@ -315,7 +355,7 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
   ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
                          a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
                          nullptr, gbe, nullptr, gbd, false, a.selected_pre, a.grad_values,
-                         a.grad_values_out, &adam);
+                         a.grad_values_out, &adam, a.decoder_dots);
 }
 
 template <class T>
@@ -557,21 +597,38 @@ PYBIND11_MODULE(_core, m) {
       "Sparse decode: dense(values, indices) @ W_dec + b_dec at batch*k*d_in cost.");
 
   m.def(
+      "decode_mse",
+      [](const py::object& values, const py::object& indices, const py::object& W_dec,
+         const py::object& b_dec, const py::object& X, int n_threads,
+         const py::object& grad_out, const py::object& dots) {
+        return is_float32(values)
+                   ? decode_mse_impl<float>(values, indices, W_dec, b_dec, X, n_threads, grad_out, dots)
+                   : decode_mse_impl<double>(values, indices, W_dec, b_dec, X, n_threads, grad_out, dots);
+      },
+      py::arg("values"), py::arg("indices"), py::arg("W_dec"), py::arg("b_dec"), py::arg("X"),
+      py::arg("n_threads") = 0, py::arg("grad_out") = py::none(), py::arg("dots") = py::none(),
+      "decode and the mean squared error against X in one pass per row: returns (loss,\n"
+      "grad_out, dots) with loss = mean((X_hat - X)**2), grad_out = 2 (X_hat - X) / X.size\n"
+      "(rounded as NumPy rounds it) and dots[r, s] = grad_out[r] . W_dec[indices[r, s]],\n"
+      "backward's decoder_dots. grad_out and dots may be given as output buffers.");
+
+  m.def(
       "backward",
       [](const py::object& grad_out, const py::object& centered, const py::object& values,
          const py::object& indices, const py::object& W_enc_t, const py::object& W_dec,
          const std::string& activation, bool project_decoder_grad, int n_threads,
          const py::object& gwe, const py::object& gbe, const py::object& gwd,
          const py::object& gbd, bool accumulate, const py::object& selected_pre,
-         const py::object& grad_values, const py::object& grad_values_out) {
+         const py::object& grad_values, const py::object& grad_values_out,
+         const py::object& decoder_dots) {
         if (is_float32(values)) {
           backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                               selected_pre, grad_values, grad_values_out);
+                               selected_pre, grad_values, grad_values_out, decoder_dots);
         } else {
           backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                 project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                                selected_pre, grad_values, grad_values_out);
+                                selected_pre, grad_values, grad_values_out, decoder_dots);
         }
       },
       py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
@@ -580,12 +637,15 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
       py::arg("accumulate") = false, py::arg("selected_pre") = py::none(),
       py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
+      py::arg("decoder_dots") = py::none(),
       "TopK backward: writes (or, with accumulate, adds) the gradients of W_enc (transposed),\n"
       "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.\n"
       "grad_values (batch x k) adds a penalty's gradient with respect to the code values;\n"
       "grad_values_out (batch x k) receives the whole gradient with respect to them. W_dec may\n"
       "be (n_latents x d_out) with d_out != d_in (a classifier head) when grad_b_dec is None\n"
-      "(the input centering is then not trained).");
+      "(the input centering is then not trained). decoder_dots (batch x k), as decode_mse\n"
+      "returns them, are the products grad_out[r] . W_dec[indices[r, s]], which are then not\n"
+      "formed again.");
 
   m.def(
       "backward_adam",
@@ -597,7 +657,7 @@ PYBIND11_MODULE(_core, m) {
          bool project_decoder_grad, bool unit_norm_decoder, int n_threads, double lr,
          double beta1, double beta2, double eps, double weight_decay, long long step,
          const py::object& selected_pre, const py::object& grad_values,
-         const py::object& grad_values_out) {
+         const py::object& grad_values_out, const py::object& decoder_dots) {
         const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
         check_adam(s);
         auto run = [&](auto zero) {
@@ -605,7 +665,7 @@ PYBIND11_MODULE(_core, m) {
           backward_adam_impl<T>(grad_out, centered, values, indices, W_enc_t, b_enc, W_dec,
                                 b_dec, exp_avg, exp_avg_sq, grad_b_enc, grad_b_dec, activation,
                                 project_decoder_grad, unit_norm_decoder, n_threads, s,
-                                selected_pre, grad_values, grad_values_out);
+                                selected_pre, grad_values, grad_values_out, decoder_dots);
         };
         if (is_float32(values)) run(0.0f);
         else run(0.0);
@@ -617,6 +677,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("n_threads"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
       py::arg("weight_decay"), py::arg("step"), py::arg("selected_pre") = py::none(),
       py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
+      py::arg("decoder_dots") = py::none(),
       "backward with the step's Adam update fused in: each latent's rows of W_enc (transposed)\n"
       "and W_dec are updated as soon as their gradients are formed, and never stored; b_enc and\n"
       "b_dec too (their gradients are written to grad_b_enc and grad_b_dec). Every parameter\n"

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ksae import _core
 from ksae import reference as ref
+from ksae.losses import mse_loss
 
 from conftest import ACTIVATIONS, DTYPES, THREADS, as64, make_weights, rel_err, tol
 
@@ -368,6 +369,81 @@ def test_decode_out_of_range_indices_raise(rng, bad):
     assert str(bad) in str(info.value)
 
 
+def decode_mse_inputs(rng, batch, d_in, n, k, dtype):
+    p = make_weights(rng, d_in, n, dtype)
+    values = rng.standard_normal((batch, k)).astype(dtype)
+    indices = np.argsort(rng.random((batch, n)), axis=1)[:, :k].astype(np.int64)
+    X = rng.standard_normal((batch, d_in)).astype(dtype)
+    return p, values, indices, X
+
+
+@pytest.mark.parametrize("shape", [(1, 13, 7, 1), (5, 29, 50, 8), (33, 37, 300, 17),
+                                   (10, 16, 20, 20)], ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decode_mse_matches_decode_then_the_mse_loss(rng, shape, n_threads, dtype):
+    batch, d_in, n, k = shape
+    p, values, indices, X = decode_mse_inputs(rng, batch, d_in, n, k, dtype)
+    loss, grad_out, dots = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], X, n_threads)
+    assert isinstance(loss, float)
+    assert grad_out.dtype == dtype and grad_out.shape == (batch, d_in)
+    assert dots.dtype == dtype and dots.shape == (batch, k)
+    # The gradient is bitwise the one decode followed by the NumPy loss gives.
+    x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], n_threads)
+    np.testing.assert_array_equal(grad_out, mse_loss(x_hat, X)[1])
+    # The loss and the decoder products agree with a float64 reference.
+    X_hat64 = ref.decode(*as64(values, indices, p["W_dec"], p["b_dec"]))
+    loss64, grad64 = ref.mse_loss(X_hat64, as64(X))
+    assert abs(loss - loss64) <= tol(dtype) * loss64
+    dots64 = np.einsum("rd,rsd->rs", grad64, as64(p["W_dec"])[indices])
+    assert rel_err(dots, dots64) < tol(dtype)
+    # Given output buffers are filled and returned.
+    g_buf, d_buf = np.full_like(grad_out, np.nan), np.full_like(dots, np.nan)
+    again = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], X, n_threads, g_buf, d_buf)
+    assert again[0] == loss
+    assert np.shares_memory(again[1], g_buf) and np.shares_memory(again[2], d_buf)
+    np.testing.assert_array_equal(g_buf, grad_out)
+    np.testing.assert_array_equal(d_buf, dots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decode_mse_same_for_one_and_two_threads(rng, dtype):
+    p, values, indices, X = decode_mse_inputs(rng, 40, 37, 300, 12, dtype)
+    one = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], X, 1)
+    two = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], X, 2)
+    np.testing.assert_array_equal(one[1], two[1])
+    np.testing.assert_array_equal(one[2], two[2])
+    assert one[0] == pytest.approx(two[0], rel=1e-12)  # only the rows' sum order may differ
+
+
+def test_decode_mse_binding_errors(rng):
+    p, values, indices, X = decode_mse_inputs(rng, 4, 5, 7, 2, np.float64)
+
+    def call(**replace):
+        kwargs = dict(values=values, indices=indices, W_dec=p["W_dec"], b_dec=p["b_dec"], X=X,
+                      n_threads=1)
+        kwargs.update(replace)
+        return _core.decode_mse(**kwargs)
+
+    call()  # the unmodified call works
+    with pytest.raises(ValueError, match=r"^X: .*\(4, 5\).*\(4, 6\)"):
+        call(X=np.zeros((4, 6)))
+    with pytest.raises(TypeError, match=r"^X: .*float64.*float32"):
+        call(X=X.astype(np.float32))
+    for shift in (0, 3):  # the same buffer, or one overlapping it
+        padded = np.zeros(4 * 5 + 3)
+        with pytest.raises(ValueError, match="^grad_out: must not overlap X"):
+            call(X=padded[:20].reshape(4, 5), grad_out=padded[shift:shift + 20].reshape(4, 5))
+    with pytest.raises(ValueError, match=r"^dots: .*\(4, 2\).*\(4, 3\)"):
+        call(dots=np.zeros((4, 3)))
+    frozen = np.zeros((4, 5))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="^grad_out: .*read-only"):
+        call(grad_out=frozen)
+    with pytest.raises(ValueError, match="indices"):
+        call(indices=np.array([[0, 1], [2, 7], [3, 4], [5, 6]], dtype=np.int64))
+
+
 # --------------------------------------------------------------------------------- backward
 def backward_inputs(rng, batch, d_in, n, k, dtype, activation):
     """Inputs of a backward call; p["selected_pre"] holds the kept pre-activations that
@@ -531,6 +607,52 @@ def test_backward_adam_binding_errors(rng):
     head = np.ascontiguousarray(rng.standard_normal((7, 3)))
     with pytest.raises(ValueError, match="^backward_adam: b_dec is both"):
         call(W_dec=head, grad_out=np.zeros((4, 3)), exp_avg_sq=[v["W_enc_t"], v["b_enc"], head, v["b_dec"]])
+
+
+@pytest.mark.parametrize("activation", ["relu", "swish", "softmax"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decoder_dots_from_decode_mse_change_no_bit_of_the_backward(rng, activation, n_threads,
+                                                                    dtype):
+    # The step hands decode_mse's products to the backward instead of letting it form them
+    # again: every gradient, the code gradient and the fused Adam step must stay bitwise.
+    batch, d_in, n, k = 33, 37, 300, 17
+    X, p, centered, values, indices, _ = backward_inputs(rng, batch, d_in, n, k, dtype, activation)
+    _, grad_out, dots = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], X, n_threads)
+    grad_values = rng.standard_normal((batch, k)).astype(dtype)
+    sp = p["selected_pre"]
+    results = []
+    for given in (None, dots):
+        grads = {name: np.full_like(p[name], np.nan) for name in PARAMETERS}
+        code = np.full_like(values, np.nan)
+        _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], activation,
+                       True, n_threads, grads["W_enc_t"], grads["b_enc"], grads["W_dec"],
+                       grads["b_dec"], False, sp, grad_values, code, given)
+        params, m, v = fused_adam_state(np.random.default_rng(1), p, dtype)
+        a = FUSED_ADAM
+        _core.backward_adam(grad_out, centered, values, indices, params["W_enc_t"],
+                            params["b_enc"], params["W_dec"], params["b_dec"],
+                            [m[name] for name in PARAMETERS], [v[name] for name in PARAMETERS],
+                            np.empty(n, dtype), np.empty(d_in, dtype), activation, True, True,
+                            n_threads, a["lr"], a["beta1"], a["beta2"], a["eps"],
+                            a["weight_decay"], a["step"], sp, grad_values, None, given)
+        results.append((grads, code, params, m, v))
+    (g1, c1, p1, m1, v1), (g2, c2, p2, m2, v2) = results
+    np.testing.assert_array_equal(c1, c2)
+    for name in PARAMETERS:
+        np.testing.assert_array_equal(g1[name], g2[name], err_msg=name)
+        np.testing.assert_array_equal(p1[name], p2[name], err_msg=f"fused {name}")
+        np.testing.assert_array_equal(m1[name], m2[name], err_msg=f"exp_avg {name}")
+        np.testing.assert_array_equal(v1[name], v2[name], err_msg=f"exp_avg_sq {name}")
+
+
+def test_backward_decoder_dots_must_match_the_code(rng):
+    _, p, centered, values, indices, grad_out = backward_inputs(rng, 4, 5, 7, 2, np.float64, "relu")
+    grads = {name: np.empty_like(p[name]) for name in PARAMETERS}
+    with pytest.raises(ValueError, match=r"^decoder_dots: .*\(4, 2\).*\(4, 3\)"):
+        _core.backward(grad_out, centered, values, indices, p["W_enc_t"], p["W_dec"], "relu",
+                       False, 1, grads["W_enc_t"], grads["b_enc"], grads["W_dec"],
+                       grads["b_dec"], decoder_dots=np.zeros((4, 3)))
 
 
 def code_gradient_inputs(rng, batch, d_in, n, k, dtype, activation, d_out=None):

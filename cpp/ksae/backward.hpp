@@ -76,6 +76,10 @@ struct FusedAdam {
 // code values that does not pass through the decoder: the derivative of a penalty on the code
 // (L1, KL-divergence). `grad_values_out` (batch x k, may be null) receives dvalues, the whole
 // gradient with respect to the values (a straight-through estimator needs it).
+// `decoder_dots` (batch x k, may be null: formed here) are the products
+// grad_out[r] . W_dec[indices[r, s]] as decode_mse forms them while it decodes: the same
+// reduction on the same rows, so passing them changes no bit of any output, and saves a
+// second gather of the selected decoder rows (which, for a large dictionary, come from memory).
 // The output width d_out (W_dec is n_latents x d_out, grad_out batch x d_out) may differ from
 // the input width d_in (W_enc_t is n_latents x d_in, centered batch x d_in): a classifier head
 // in place of the decoder. grad_b_dec treats b_dec as both the input centering and the output
@@ -99,7 +103,8 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
                    bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
                    T* grad_W_dec, T* grad_b_dec, bool accumulate = false,
                    const T* selected_pre = nullptr, const T* grad_values = nullptr,
-                   T* grad_values_out = nullptr, const FusedAdam<T>* adam = nullptr) {
+                   T* grad_values_out = nullptr, const FusedAdam<T>* adam = nullptr,
+                   const T* decoder_dots = nullptr) {
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
   using ConstRow = Eigen::Map<const RowVec>;
   using Row = Eigen::Map<RowVec>;
@@ -124,7 +129,11 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       ConstRow g(grad_out + r * d_out, d_out);
       T* dp = dpre.data() + r * k;
       const T* a = values + r * k;
-      for (Index s = 0; s < k; ++s) dp[s] = g.dot(ConstRow(W_dec + indices[r * k + s] * d_out, d_out));
+      if (decoder_dots) {
+        std::copy(decoder_dots + r * k, decoder_dots + (r + 1) * k, dp);
+      } else {
+        for (Index s = 0; s < k; ++s) dp[s] = g.dot(ConstRow(W_dec + indices[r * k + s] * d_out, d_out));
+      }
       if (grad_values) {
         for (Index s = 0; s < k; ++s) dp[s] += grad_values[r * k + s];
       }

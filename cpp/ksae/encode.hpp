@@ -407,4 +407,43 @@ void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Ind
   }
 }
 
+// decode_sparse and the mean squared error against targets X (batch x d) in one pass per row,
+// while the row's decoder rows are in cache:
+//     x_hat       = decode_sparse(values, indices, W_dec, b_dec)
+//     grad_out[r] = (x_hat[r] - X[r]) * T(2 / (batch * d))        (dL/dX_hat of the mean)
+//     dots[r, s]  = grad_out[r] . W_dec[indices[r, s]]             (may be null)
+// and returns sum((x_hat - X)^2) / (batch * d), each row's sum in T, the rows' in double.
+// `dots` are the dot products backward_topk forms from grad_out (the same Eigen reduction on
+// the same rows), so a backward given them computes bitwise what it would compute itself.
+template <class T>
+double decode_mse(const T* values, const LatentIndex* indices, Index batch, Index k,
+                  const T* W_dec, const T* b_dec, const T* X, Index d, int n_threads,
+                  T* grad_out, T* dots) {
+  using Row = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  using ConstRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  const int nt = threads_for(n_threads, double(batch) * double(2 * k + 2) * double(d), 1 << 16);
+  const T scale = T(2.0 / (double(batch) * double(d)));
+  double total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+  {
+    FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (Index r = 0; r < batch; ++r) {
+      const T* v = values + r * k;
+      const LatentIndex* idx = indices + r * k;
+      T* g = grad_out + r * d;
+      weighted_row_sum(g, d, k,
+                       [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d); }, b_dec);
+      Row row(g, d);
+      row -= ConstRow(X + r * d, d);
+      total += double(row.squaredNorm());  // a vectorised sum within the row
+      row *= scale;
+      if (dots) {
+        for (Index s = 0; s < k; ++s) dots[r * k + s] = row.dot(ConstRow(W_dec + idx[s] * d, d));
+      }
+    }
+  }
+  return total / (double(batch) * double(d));
+}
+
 }  // namespace ksae
