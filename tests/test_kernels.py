@@ -312,6 +312,38 @@ def test_encode_fused_bitwise_equals_materialised(rng, shape, data, n_threads, d
             np.testing.assert_array_equal(fused[1], expected)
 
 
+# The encode packs centered once and runs Eigen's GEBP kernel on each tile against that copy
+# (TileProduct), with Eigen's blocking of the tile's product. These shapes make the blocking
+# split the depth (d_in 768: kc 392 here), the batch's columns (nc < batch, with a batch
+# that is not a multiple of the kernel's 4-column panels) and a tile's latents (mc < tile
+# width), so the shared copy is read at every kind of offset.
+BLOCKED_SHAPES = [
+    (600, 768, 600, 8),     # depth and columns blocked; two tiles on one thread
+    (1023, 200, 700, 5),    # columns blocked, 3 remainder columns
+    (256, 150, 2100, 8),    # 1008-latent tiles split in row blocks (mc 528)
+    (97, 70, 5000, 3),      # tiles wider than the 1024 rows TileProduct packs: Eigen's product
+]
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_blocked_products_match_the_reference(rng, shape, n_threads, dtype):
+    batch, d_in, n, k = shape
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    pre = np.full((batch, n), np.nan, dtype=dtype)
+    args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "relu", n_threads)
+    stored = _core.encode(*args, None, pre)
+    expected = reference_pre(X, p) - as64(p["b_enc"])  # pre holds the products without b_enc
+    assert rel_err(pre, expected) < tol(dtype)
+    # Row by row too: a misplaced block would show in some rows only.
+    errors = np.linalg.norm(pre - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert errors.max() < 10 * tol(dtype)
+    fused = _core.encode(*args, None, None)
+    for a, b in zip(fused, stored):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_encode_fused_ties_across_tiles_keep_the_lowest_index(dtype, n_threads):

@@ -67,6 +67,128 @@ inline void multiply_tile(const T* centered, Index batch, Index d_in, const T* W
   P.noalias() = C * W.transpose();
 }
 
+// The tile products of one encode against a single packed copy of `centered`.
+//
+// Eigen evaluates a tile's product P = centered * W_tile^T transposed, P^T = W_tile *
+// centered^T, and packs its right operand, centered^T (d_in x batch), anew for every product:
+// at (1024, 768, 16384, 32), 2 threads, each thread's 34 tiles repacked the same 3 MiB, 6% of
+// the step's samples in perf. TileProduct packs centered^T once per encode (each thread a
+// share of its columns), and each tile then runs Eigen's own LHS packing and GEBP kernel with
+// the blocking Eigen's product computes for that tile, reading the shared copy. A product
+// Eigen would not give to GEBP (a single row or column, or a tiny one: see
+// uses_gebp) goes through Eigen's product as before.
+template <class T>
+class TileProduct {
+  using Traits = Eigen::internal::gebp_traits<T, T>;
+  using LhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::RowMajor>;
+  using RhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
+  using ResMapper = Eigen::internal::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+
+ public:
+  // Latents per tile at most `max_width`; `threads` per-thread LHS buffers. Allocates, so it
+  // is built outside any parallel region.
+  TileProduct(Index batch, Index d_in, Index max_width, int threads)
+      : batch_(batch), d_in_(d_in) {
+    const Blocking b = blocking(max_width);
+    kc_ = b.kc;
+    // LHS blocks of up to kc x 1024 rows per thread (3 MiB at d_in 768): a tile whose
+    // blocking asks for more (a huge tile of a tiny batch, where the shared operand saves
+    // nothing) goes through Eigen's product.
+    constexpr Index kAlign = 64 / Index(sizeof(T));  // each thread's block on a 64-byte boundary
+    lhs_capacity_ = (kc_ * std::min<Index>(std::max<Index>(max_width, 1), 1024) + kAlign - 1) /
+                    kAlign * kAlign;
+    shared_ = uses_gebp(max_width);
+    if (shared_) {
+      rhs_.reset(aligned_new(static_cast<size_t>(batch) * d_in));
+      lhs_.reset(aligned_new(static_cast<size_t>(threads) * lhs_capacity_));
+    }
+  }
+
+  // Packs this thread's share of centered^T's columns (batch rows of centered, in multiples
+  // of the kernel's nr): call inside the parallel region, from every thread, then barrier.
+  void pack(const T* centered) {
+    if (!shared_) return;
+    Index j0, j1;
+    this_thread_range(batch_, &j0, &j1, Traits::nr);
+    if (j1 <= j0) return;
+    const RhsMapper rhs(centered, d_in_);
+    Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
+    // Depth block k2 (kc rows of centered^T) holds its batch columns at rhs_ + k2 * batch,
+    // nr-column panels one after the other, as one packing of the whole block lays them out.
+    for (Index k2 = 0; k2 < d_in_; k2 += kc_) {
+      const Index kc = std::min(k2 + kc_, d_in_) - k2;
+      pack_rhs(rhs_.get() + k2 * batch_ + j0 * kc, rhs.getSubMapper(k2, j0), kc, j1 - j0);
+    }
+  }
+
+  // out[r, j - j0] = centered[r] . W_enc_t[j] for j in [j0, j1), out's rows `stride` apart,
+  // on thread `tid` (its LHS buffer).
+  void multiply(const T* centered, const T* W_enc_t, Index j0, Index j1, T* out, Index stride,
+                int tid) const {
+    const Index width = j1 - j0;
+    const Blocking b = blocking(width);
+    if (!shared_ || !uses_gebp(width) || b.kc != kc_ || b.kc * b.mc > lhs_capacity_) {
+      multiply_tile(centered, batch_, d_in_, W_enc_t, j0, j1, out, stride);
+      return;
+    }
+    for (Index r = 0; r < batch_; ++r) std::fill(out + r * stride, out + r * stride + width, T(0));
+    const LhsMapper lhs(W_enc_t + j0 * d_in_, d_in_);
+    const ResMapper res(out, stride);
+    Eigen::internal::gemm_pack_lhs<T, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
+                                   typename Traits::LhsPacket4Packing, Eigen::RowMajor> pack_lhs;
+    Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
+    T* blockA = lhs_.get() + static_cast<size_t>(tid) * lhs_capacity_;
+    // Eigen's loop order (general_matrix_matrix_product::run): the sum over depth runs block
+    // by block into the zeroed result, as there.
+    for (Index i2 = 0; i2 < width; i2 += b.mc) {
+      const Index mc = std::min(i2 + b.mc, width) - i2;
+      for (Index k2 = 0; k2 < d_in_; k2 += kc_) {
+        const Index kc = std::min(k2 + kc_, d_in_) - k2;
+        pack_lhs(blockA, lhs.getSubMapper(i2, k2), kc, mc);
+        for (Index c2 = 0; c2 < batch_; c2 += b.nc) {
+          const Index nc = std::min(c2 + b.nc, batch_) - c2;
+          gebp(res.getSubMapper(i2, c2), blockA, rhs_.get() + k2 * batch_ + c2 * kc, mc, kc, nc,
+               T(1));
+        }
+      }
+    }
+  }
+
+ private:
+  struct Blocking {
+    Index kc, mc, nc;
+  };
+  struct AlignedFree {
+    void operator()(T* p) const { Eigen::internal::aligned_free(p); }
+  };
+
+  static T* aligned_new(size_t n) {
+    return static_cast<T*>(Eigen::internal::aligned_malloc(std::max<size_t>(n, 1) * sizeof(T)));
+  }
+
+  // The blocking Eigen's product gives P^T = W_tile * centered^T (gemm_blocking_space with
+  // l3 blocking, one thread): kc depends on d_in only. nc is kept a multiple of nr, so each
+  // column block starts on a panel of the shared packing.
+  Blocking blocking(Index width) const {
+    Index kc = d_in_, mc = width, nc = batch_;
+    Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc, mc, nc, Index(1));
+    mc = std::max<Index>(1, std::min(mc, width));
+    nc = std::min(nc, batch_);
+    if (nc < batch_) nc = std::max<Index>(Traits::nr, nc / Traits::nr * Traits::nr);
+    return {kc, mc, nc};
+  }
+
+  // Whether Eigen's product evaluates this tile with GEBP: not a product with one row or one
+  // column (GEMV), nor one below EIGEN_GEMM_TO_COEFFBASED_THRESHOLD (coefficient-wise).
+  bool uses_gebp(Index width) const {
+    return batch_ > 1 && width > 1 && d_in_ + batch_ + width >= EIGEN_GEMM_TO_COEFFBASED_THRESHOLD;
+  }
+
+  Index batch_, d_in_, kc_ = 0, lhs_capacity_ = 0;
+  bool shared_ = false;
+  std::unique_ptr<T[], AlignedFree> rhs_, lhs_;
+};
+
 template <class T>
 void center_rows(const T* X, const T* b_dec, Index batch, Index d_in, T* centered) {
 #pragma omp for schedule(static)
@@ -106,16 +228,23 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
   }
   const int nt = threads_for(n_threads, double(batch) * double(n_latents) * double(d_in), 1 << 20);
   const Index tile = tile_latents<T>(batch);
+  TileProduct<T> product(batch, d_in, std::min(n_latents, tile + kTileStep - 1), nt);
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
+    int tid = 0;
+#ifdef KSAE_HAVE_OPENMP
+    tid = omp_get_thread_num();
+#endif
     center_rows(X, b_dec, batch, d_in, centered);
+    product.pack(centered);
+#pragma omp barrier
     // The dense product, split by latent columns: each thread multiplies all rows by its own
     // slice of W_enc, so the large operand is read (and packed) once in all.
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);
     for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
-      multiply_tile(centered, batch, d_in, W_enc_t, j0, j1, pre + j0, n_latents);
+      product.multiply(centered, W_enc_t, j0, j1, pre + j0, n_latents, tid);
     });
 #pragma omp barrier
     select_rows(pre, b_enc, batch, n_latents, k, act, values, indices, selected_pre);
@@ -290,6 +419,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
   std::unique_ptr<KeptEntry<T>[]> kept(new KeptEntry<T>[static_cast<size_t>(nt) * batch * capacity]);
   std::unique_ptr<T[]> bounds(new T[static_cast<size_t>(nt) * tile_width]);  // fold_tile_row's scratch
   std::vector<RowCandidates<T>> rows(static_cast<size_t>(nt) * batch);
+  TileProduct<T> product(batch, d_in, tile_width, nt);
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i] = {kept.get() + i * capacity, 0, T(0), false};
   }
@@ -304,6 +434,8 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     team = omp_get_num_threads();
 #endif
     center_rows(X, b_dec, batch, d_in, centered);
+    product.pack(centered);
+#pragma omp barrier
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);
     T* buffer = tiles.get() + static_cast<size_t>(tid) * batch * tile_width;
@@ -312,7 +444,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     auto walk = [&](auto key) {
       for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
         const Index width = j1 - j0;
-        multiply_tile(centered, batch, d_in, W_enc_t, j0, j1, buffer, width);
+        product.multiply(centered, W_enc_t, j0, j1, buffer, width, tid);
         for (Index r = 0; r < batch; ++r) {
           fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r],
                         scratch);
