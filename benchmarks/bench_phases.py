@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, median, parse_shape, pin_threads, run_json_child, time_calls  # noqa: E402
 
 PHASES = ("floor", "step", "encode", "decode", "loss", "backward", "adam")
-IN_STEP = ("encode", "decode", "loss", "backward_adam")
+IN_STEP = ("encode", "decode_mse", "decode", "loss", "backward_adam")  # "-": not called
 
 
 def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
@@ -163,9 +163,11 @@ def main() -> None:
           + " | Python and the rest | step / floor | Adam at cache speed |")
     print("|---" * (len(IN_STEP) + 6) + "|")
     for n, r in results.items():
-        parts = [r.get(f"in_step_{name}", 0.0) for name in IN_STEP]
+        parts = [r.get(f"in_step_{name}") for name in IN_STEP]
         step = r["in_step_step"]
-        print(f"| {n} | {r['floor']:.2f} | {step:.2f} | " + " | ".join(f"{v:.2f}" for v in parts)
+        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in parts)
+        parts = [v for v in parts if v is not None]
+        print(f"| {n} | {r['floor']:.2f} | {step:.2f} | " + cells
               + f" | {step - sum(parts):.2f} | {step / r['floor']:.2f}x"
               f" | {r['adam_at_cache_speed']:.2f} |")
 

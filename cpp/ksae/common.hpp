@@ -186,12 +186,20 @@ inline void weighted_row_sum(T* out, Index d, Index count, Term term, const T* i
   }
 }
 
-// Split [0, n) into `parts` contiguous ranges; part p is [begin, end).
+// Split [0, n) into `parts` contiguous ranges; part p is [begin, end). Each inner boundary is
+// the multiple of `align` nearest to its even share, so the parts differ by at most about
+// `align`: rounding every part up to a multiple of align instead gave the encode's two
+// threads 512 and 488 of 1000 latents, and the second waited 0.14-0.25 ms of a 2.7 ms encode
+// at the barrier.
 inline void split_range(Index n, int parts, int p, Index* begin, Index* end, Index align = 1) {
-  Index chunk = (n + parts - 1) / parts;
-  chunk = (chunk + align - 1) / align * align;
-  *begin = std::min<Index>(n, chunk * p);
-  *end = std::min<Index>(n, *begin + chunk);
+  auto boundary = [&](int q) -> Index {
+    if (q <= 0) return 0;
+    if (q >= parts) return n;
+    const Index share = (n * q + parts / 2) / parts;  // n * q / parts, rounded
+    return std::min<Index>(n, (share + align / 2) / align * align);
+  };
+  *begin = boundary(p);
+  *end = std::max(*begin, boundary(p + 1));
 }
 
 // The calling thread's share [begin, end) of [0, n) inside a parallel region (all of it
