@@ -93,11 +93,12 @@ class TileProduct {
     kc_ = b.kc;
     // LHS blocks of up to kc x 1024 rows per thread (3 MiB at d_in 768): a tile whose
     // blocking asks for more (a huge tile of a tiny batch, where the shared operand saves
-    // nothing) goes through Eigen's product.
+    // nothing) goes through Eigen's product, and when the widest tile does, nothing is
+    // packed or allocated here.
     constexpr Index kAlign = 64 / Index(sizeof(T));  // each thread's block on a 64-byte boundary
     lhs_capacity_ = (kc_ * std::min<Index>(std::max<Index>(max_width, 1), 1024) + kAlign - 1) /
                     kAlign * kAlign;
-    shared_ = uses_gebp(max_width);
+    shared_ = uses_gebp(max_width) && b.kc * b.mc <= lhs_capacity_;
     if (shared_) {
       rhs_.reset(aligned_new(static_cast<size_t>(batch) * d_in));
       lhs_.reset(aligned_new(static_cast<size_t>(threads) * lhs_capacity_));
@@ -549,7 +550,8 @@ void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Ind
 //     x_hat       = decode_sparse(values, indices, W_dec, b_dec)
 //     grad_out[r] = (x_hat[r] - X[r]) * T(2 / (batch * d))        (dL/dX_hat of the mean)
 //     dots[r, s]  = grad_out[r] . W_dec[indices[r, s]]             (may be null)
-// and returns sum((x_hat - X)^2) / (batch * d), each row's sum in T, the rows' in double.
+// and returns sum((x_hat - X)^2) / (batch * d), each row's sum in T, the rows' in double and
+// in row order (the same for any thread count).
 // `dots` are the dot products backward_topk forms from grad_out (the same Eigen reduction on
 // the same rows), so a backward given them computes bitwise what it would compute itself.
 template <class T>
@@ -560,8 +562,8 @@ double decode_mse(const T* values, const LatentIndex* indices, Index batch, Inde
   using ConstRow = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
   const int nt = threads_for(n_threads, double(batch) * double(2 * k + 2) * double(d), 1 << 16);
   const T scale = T(2.0 / (double(batch) * double(d)));
-  double total = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : total)
+  std::vector<double> row_sums(static_cast<size_t>(batch));
+#pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
 #pragma omp for schedule(static)
@@ -573,13 +575,15 @@ double decode_mse(const T* values, const LatentIndex* indices, Index batch, Inde
                        [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d); }, b_dec);
       Row row(g, d);
       row -= ConstRow(X + r * d, d);
-      total += double(row.squaredNorm());  // a vectorised sum within the row
+      row_sums[r] = double(row.squaredNorm());  // a vectorised sum within the row
       row *= scale;
       if (dots) {
         for (Index s = 0; s < k; ++s) dots[r * k + s] = row.dot(ConstRow(W_dec + idx[s] * d, d));
       }
     }
   }
+  double total = 0;
+  for (const double v : row_sums) total += v;
   return total / (double(batch) * double(d));
 }
 
