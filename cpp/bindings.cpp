@@ -171,30 +171,47 @@ py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::
   return code.tuple();
 }
 
+// decode's and decode_mse's arguments, checked: a code (values, indices: batch x k) of a
+// dictionary W_dec (n x d) with its bias b_dec (d).
+template <class T>
+struct DecodeArgs {
+  Index n, d, batch, k;
+  const T* values;
+  const LatentIndex* indices;
+  const T* W_dec;
+  const T* b_dec;
+
+  DecodeArgs(const py::object& v, const py::object& ix, const py::object& wd,
+             const py::object& bd) {
+    check_2d(wd, "W_dec");
+    check_2d(v, "values");
+    n = dim(wd, 0), d = dim(wd, 1), batch = dim(v, 0), k = dim(v, 1);
+    values = checked<T>(v, "values", {batch, k});
+    indices = checked<LatentIndex>(ix, "indices", {batch, k});
+    W_dec = checked<T>(wd, "W_dec", {n, d});
+    b_dec = checked<T>(bd, "b_dec", {d});
+    check_indices(indices, batch * k, k, n);
+  }
+};
+
+// The output buffer `given` (checked: rows x cols, writable), or a new array when it is None.
+template <class T>
+py::array_t<T> output_array(const py::object& given, const char* name, Index rows, Index cols) {
+  if (given.is_none()) return py::array_t<T>({rows, cols});
+  checked<T>(given, name, {rows, cols}, true);
+  return py::reinterpret_borrow<py::array_t<T>>(given);
+}
+
 template <class T>
 py::array decode_impl(const py::object& values, const py::object& indices,
                       const py::object& W_dec, const py::object& b_dec, int n_threads,
                       const py::object& out) {
-  check_2d(W_dec, "W_dec");
-  check_2d(values, "values");
-  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
-  const T* v = checked<T>(values, "values", {batch, k});
-  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
-  const T* w = checked<T>(W_dec, "W_dec", {n, d});
-  const T* bd = checked<T>(b_dec, "b_dec", {d});
-  check_indices(ix, batch * k, k, n);
-  py::array_t<T> out_arr;
-  T* o;
-  if (out.is_none()) {
-    out_arr = py::array_t<T>({batch, d});
-    o = out_arr.mutable_data();
-  } else {
-    o = checked<T>(out, "out", {batch, d}, true);
-    out_arr = py::reinterpret_borrow<py::array_t<T>>(out);
-  }
+  const DecodeArgs<T> a(values, indices, W_dec, b_dec);
+  py::array_t<T> out_arr = output_array<T>(out, "out", a.batch, a.d);
+  T* o = out_arr.mutable_data();
   {
     py::gil_scoped_release release;
-    ksae::decode_sparse<T>(v, ix, batch, k, w, bd, d, n_threads, o);
+    ksae::decode_sparse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, a.d, n_threads, o);
   }
   return out_arr;
 }
@@ -203,35 +220,24 @@ template <class T>
 py::tuple decode_mse_impl(const py::object& values, const py::object& indices,
                           const py::object& W_dec, const py::object& b_dec, const py::object& X,
                           int n_threads, const py::object& grad_out, const py::object& dots) {
-  check_2d(W_dec, "W_dec");
-  check_2d(values, "values");
-  const Index n = dim(W_dec, 0), d = dim(W_dec, 1), batch = dim(values, 0), k = dim(values, 1);
-  const T* v = checked<T>(values, "values", {batch, k});
-  const LatentIndex* ix = checked<LatentIndex>(indices, "indices", {batch, k});
-  const T* w = checked<T>(W_dec, "W_dec", {n, d});
-  const T* bd = checked<T>(b_dec, "b_dec", {d});
-  const T* x = checked<T>(X, "X", {batch, d});
-  check_indices(ix, batch * k, k, n);
-  auto output = [](const py::object& given, const char* name, Index rows, Index cols) {
-    if (given.is_none()) return py::array_t<T>({rows, cols});
-    checked<T>(given, name, {rows, cols}, true);
-    return py::reinterpret_borrow<py::array_t<T>>(given);
-  };
-  py::array_t<T> g = output(grad_out, "grad_out", batch, d);
-  py::array_t<T> dd = output(dots, "dots", batch, k);
+  const DecodeArgs<T> a(values, indices, W_dec, b_dec);
+  const T* x = checked<T>(X, "X", {a.batch, a.d});
+  py::array_t<T> g = output_array<T>(grad_out, "grad_out", a.batch, a.d);
+  py::array_t<T> dd = output_array<T>(dots, "dots", a.batch, a.k);
   T* gp = g.mutable_data();
   T* dp = dd.mutable_data();
   // Both are C-contiguous batch x d: they overlap when they start less than batch*d apart.
   const auto gap = reinterpret_cast<std::uintptr_t>(gp) > reinterpret_cast<std::uintptr_t>(x)
                        ? reinterpret_cast<std::uintptr_t>(gp) - reinterpret_cast<std::uintptr_t>(x)
                        : reinterpret_cast<std::uintptr_t>(x) - reinterpret_cast<std::uintptr_t>(gp);
-  if (gap < static_cast<std::uintptr_t>(batch * d) * sizeof(T)) {
+  if (gap < static_cast<std::uintptr_t>(a.batch * a.d) * sizeof(T)) {
     throw py::value_error("grad_out: must not overlap X (X is read while grad_out is written)");
   }
   double loss;
   {
     py::gil_scoped_release release;
-    loss = ksae::decode_mse<T>(v, ix, batch, k, w, bd, x, d, n_threads, gp, dp);
+    loss = ksae::decode_mse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, x, a.d,
+                               n_threads, gp, dp);
   }
   return py::make_tuple(loss, g, dd);
 }

@@ -361,8 +361,10 @@ def test_encode_fused_ties_across_tiles_keep_the_lowest_index(dtype, n_threads):
 
 
 # --------------------------------------------------------------------------------- decode
-@pytest.mark.parametrize("shape", [(1, 13, 7, 1), (5, 29, 50, 8), (33, 37, 300, 17),
-                                   (10, 16, 20, 20)], ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+DECODE_SHAPES = [(1, 13, 7, 1), (5, 29, 50, 8), (33, 37, 300, 17), (10, 16, 20, 20)]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_decode_matches_reference(rng, shape, n_threads, dtype):
@@ -409,8 +411,7 @@ def decode_mse_inputs(rng, batch, d_in, n, k, dtype):
     return p, values, indices, X
 
 
-@pytest.mark.parametrize("shape", [(1, 13, 7, 1), (5, 29, 50, 8), (33, 37, 300, 17),
-                                   (10, 16, 20, 20)], ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}-d{}-n{}-k{}".format(*s))
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_decode_mse_matches_decode_then_the_mse_loss(rng, shape, n_threads, dtype):

@@ -525,6 +525,14 @@ void select_topk(const T* pre, const T* bias, Index batch, Index n_latents, Inde
   }
 }
 
+// One row of decode_sparse: out = b_dec + sum_s v[s] * W_dec[idx[s]] (d values each).
+template <class T>
+inline void decode_row(const T* v, const LatentIndex* idx, Index k, const T* W_dec,
+                       const T* b_dec, Index d, T* out) {
+  weighted_row_sum(out, d, k, [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d); },
+                   b_dec);
+}
+
 // Decodes sparse codes: out[r] = b_dec + sum_s values[r, s] * W_dec[indices[r, s]], which
 // equals dense(values, indices) @ W_dec + b_dec at batch*k*d_in cost. Indices must lie in
 // [0, n_latents) (the binding checks).
@@ -537,10 +545,7 @@ void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Ind
     FlushSubnormals flush;
 #pragma omp for schedule(static)
     for (Index r = 0; r < batch; ++r) {
-      const T* v = values + r * k;
-      const LatentIndex* idx = indices + r * k;
-      weighted_row_sum(out + r * d_in, d_in, k,
-                       [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d_in); }, b_dec);
+      decode_row(values + r * k, indices + r * k, k, W_dec, b_dec, d_in, out + r * d_in);
     }
   }
 }
@@ -568,11 +573,9 @@ double decode_mse(const T* values, const LatentIndex* indices, Index batch, Inde
     FlushSubnormals flush;
 #pragma omp for schedule(static)
     for (Index r = 0; r < batch; ++r) {
-      const T* v = values + r * k;
       const LatentIndex* idx = indices + r * k;
       T* g = grad_out + r * d;
-      weighted_row_sum(g, d, k,
-                       [&](Index s) { return std::make_pair(v[s], W_dec + idx[s] * d); }, b_dec);
+      decode_row(values + r * k, idx, k, W_dec, b_dec, d, g);
       Row row(g, d);
       row -= ConstRow(X + r * d, d);
       row_sums[r] = double(row.squaredNorm());  // a vectorised sum within the row
