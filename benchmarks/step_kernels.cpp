@@ -1,0 +1,157 @@
+// The training step's kernels in a C++ loop, without Python: where a step's time goes when
+// each kernel finds the caches as the others left them.
+//
+// Runs what SparseAutoencoder.partial_fit runs for a plain TopK (relu) model with linear-output
+// MSE and Adam: the fused encode, decode_mse (decode, loss, the backward's decoder products)
+// and the backward with Adam fused in, over 8 different random batches in turn. With
+// --separate it runs the path before decode_mse instead: decode_sparse, the loss gradient in
+// a plain loop, and a backward that forms the decoder products itself. Prints the medians of
+// each phase and of the whole step after a fifth of the steps as warm-up.
+//
+// Build from the repository root (any Eigen 3.4 include directory will do; cmeel-eigen, the
+// build requirement, installs one):
+//     EIGEN=$(python -m cmeel cmake)/include/eigen3
+//     FLAGS="-std=c++17 -O3 -march=native -DNDEBUG -DEIGEN_DONT_PARALLELIZE -fno-math-errno"
+//     g++ $FLAGS -DKSAE_HAVE_OPENMP -fopenmp -Icpp -I"$EIGEN" benchmarks/step_kernels.cpp -o step_kernels
+// Run:
+//     OMP_NUM_THREADS=2 ./step_kernels 1024 768 16384 32 --steps 50 --threads 2
+// To compare two versions of the kernels, build this file against each checkout's cpp/ and
+// alternate the two binaries (this machine's speed drifts between runs).
+#include "ksae/backward.hpp"
+#include "ksae/encode.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using ksae::Index;
+using Buffer = std::vector<float, Eigen::aligned_allocator<float>>;  // 16-byte aligned at least
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median_ms(std::vector<double> samples) {
+  if (samples.empty()) return 0.0;
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2] * 1e3;
+}
+
+[[noreturn]] void usage(const char* why) {
+  std::fprintf(stderr, "step_kernels: %s\nusage: step_kernels BATCH D_IN N_LATENTS K "
+               "[--steps N] [--threads T] [--separate]\n", why);
+  std::exit(2);
+}
+
+Index positive(const char* text, const char* name) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  if (end == text || *end != '\0' || value < 1) {
+    usage((std::string(name) + ": expected a positive integer, got '" + text + "'").c_str());
+  }
+  return static_cast<Index>(value);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) usage("expected the shape");
+  const Index batch = positive(argv[1], "BATCH"), d = positive(argv[2], "D_IN");
+  const Index n = positive(argv[3], "N_LATENTS"), k = positive(argv[4], "K");
+  if (k > n) usage("K: expected at most N_LATENTS");
+  Index steps = 200;
+  int threads = 0;
+  bool separate = false;
+  for (int i = 5; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--separate") == 0) {
+      separate = true;
+    } else if (std::strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
+      steps = positive(argv[++i], "--steps");
+    } else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+      threads = static_cast<int>(positive(argv[++i], "--threads"));
+    } else {
+      usage((std::string("unknown argument '") + argv[i] + "'").c_str());
+    }
+  }
+
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<Buffer> batches(8, Buffer(static_cast<size_t>(batch * d)));
+  for (auto& X : batches) {
+    for (auto& x : X) x = normal(rng);
+  }
+  // The model's default initialisation in spirit: W_dec = W_enc, small random weights.
+  Buffer W_enc_t(static_cast<size_t>(n * d)), W_dec(static_cast<size_t>(n * d));
+  Buffer b_enc(static_cast<size_t>(n), 0.0f), b_dec(static_cast<size_t>(d), 0.0f);
+  for (auto& w : W_enc_t) w = normal(rng) / std::sqrt(float(d));
+  W_dec = W_enc_t;
+  const size_t sizes[4] = {size_t(n * d), size_t(n), size_t(n * d), size_t(d)};
+  Buffer m[4], v[4];
+  for (int i = 0; i < 4; ++i) {
+    m[i].assign(sizes[i], 0.0f);
+    v[i].assign(sizes[i], 0.0f);
+  }
+  Buffer centered(static_cast<size_t>(batch * d)), grad_out(static_cast<size_t>(batch * d));
+  Buffer values(static_cast<size_t>(batch * k)), dots(static_cast<size_t>(batch * k));
+  Buffer grad_b_enc(static_cast<size_t>(n)), grad_b_dec(static_cast<size_t>(d));
+  std::vector<ksae::LatentIndex> indices(static_cast<size_t>(batch * k));
+
+  std::vector<double> t_step, t_encode, t_decode, t_backward;
+  double loss = 0.0;
+  for (Index s = 0; s < steps; ++s) {
+    const float* X = batches[static_cast<size_t>(s % 8)].data();
+    const double t0 = now();
+    ksae::encode_topk<float>(X, batch, d, W_enc_t.data(), b_enc.data(), b_dec.data(), n, k,
+                             ksae::Activation::relu, threads, centered.data(), nullptr,
+                             values.data(), indices.data());
+    const double t1 = now();
+    if (separate) {
+      ksae::decode_sparse<float>(values.data(), indices.data(), batch, k, W_dec.data(),
+                                 b_dec.data(), d, threads, grad_out.data());
+      const float scale = float(2.0 / (double(batch) * double(d)));
+      double sum = 0.0;
+      for (Index i = 0; i < batch * d; ++i) {
+        const float diff = grad_out[i] - X[i];
+        sum += double(diff) * diff;
+        grad_out[i] = diff * scale;
+      }
+      loss = sum / (double(batch) * double(d));
+    } else {
+      loss = ksae::decode_mse<float>(values.data(), indices.data(), batch, k, W_dec.data(),
+                                     b_dec.data(), X, d, threads, grad_out.data(), dots.data());
+    }
+    const double t2 = now();
+    const ksae::AdamSettings settings{1e-3, 0.9, 0.999, 1e-8, 0.0, static_cast<long long>(s + 1)};
+    const ksae::FusedAdam<float> adam{
+        W_enc_t.data(), b_enc.data(), W_dec.data(), b_dec.data(),
+        {m[0].data(), m[1].data(), m[2].data(), m[3].data()},
+        {v[0].data(), v[1].data(), v[2].data(), v[3].data()},
+        ksae::AdamCoefficients<float>(settings), false};
+    ksae::backward_topk<float>(grad_out.data(), centered.data(), values.data(), indices.data(),
+                               batch, k, W_enc_t.data(), W_dec.data(), n, d, d,
+                               ksae::Activation::relu, false, threads, nullptr,
+                               grad_b_enc.data(), nullptr, grad_b_dec.data(), false, nullptr,
+                               nullptr, nullptr, &adam, separate ? nullptr : dots.data());
+    const double t3 = now();
+    if (s >= steps / 5) {
+      t_encode.push_back(t1 - t0);
+      t_decode.push_back(t2 - t1);
+      t_backward.push_back(t3 - t2);
+      t_step.push_back(t3 - t0);
+    }
+  }
+  std::printf("shape (%td, %td, %td, %td), %s, %td steps (medians of the last %zu), last loss "
+              "%.6f\n", batch, d, n, k, separate ? "separate decode and loss" : "decode_mse",
+              steps, t_step.size(), loss);
+  std::printf("step %.3f ms | encode %.3f | %s %.3f | backward_adam %.3f\n", median_ms(t_step),
+              median_ms(t_encode), separate ? "decode+loss" : "decode_mse", median_ms(t_decode),
+              median_ms(t_backward));
+  return 0;
+}
