@@ -465,7 +465,7 @@ class SparseAutoencoder:
         if cfg.sparsity == "batchtopk":
             self._keep_batch_top(values, k)
         dots = None
-        if train_cfg.loss == "mse" and cfg.output_activation == "linear":
+        if self._linear_mse(cfg, train_cfg):
             # Decode, loss and the backward's decoder products in one pass over each row's
             # decoder rows: gathering them again in the backward cost 2.4-4.6 ms of a
             # 170-180 ms step at (1024, 768, 16384, 32) (C++ harness, 2 threads).
@@ -523,6 +523,12 @@ class SparseAutoencoder:
                             cfg.activation, cfg.normalize_decoder, cfg.normalize_decoder, nt,
                             opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay,
                             opt.n_steps, selected_pre, grad_values, None, dots)
+
+    @staticmethod
+    def _linear_mse(cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
+        """Whether the model trains on the MSE of its linear output: the loss decode_mse
+        computes, and the residual AuxK reconstructs."""
+        return train_cfg.loss == "mse" and cfg.output_activation == "linear"
 
     def _fuses_adam(self, train_cfg: TrainConfig, gap: np.ndarray | None) -> bool:
         """Whether this step's Adam update can be fused into the backward kernel: plain
@@ -619,7 +625,7 @@ class SparseAutoencoder:
         if cfg.sparsity in DENSE_SPARSITIES:
             raise ValueError(f"auxk_coef: AuxK revives dead latents of a k-sparse model; "
                              f"sparsity={cfg.sparsity!r} puts every latent in the code")
-        if train_cfg.loss != "mse" or cfg.output_activation != "linear":
+        if not self._linear_mse(cfg, train_cfg):
             raise ValueError("auxk_coef: AuxK reconstructs the residual of a linear-output MSE "
                              f"model; this one has loss={train_cfg.loss!r}, "
                              f"output_activation={cfg.output_activation!r}")
