@@ -312,16 +312,20 @@ def test_encode_fused_bitwise_equals_materialised(rng, shape, data, n_threads, d
             np.testing.assert_array_equal(fused[1], expected)
 
 
-# The encode packs centered once and runs Eigen's GEBP kernel on each tile against that copy
-# (TileProduct), with Eigen's blocking of the tile's product. These shapes make the blocking
-# split the depth (d_in 768: kc 392 here), the batch's columns (nc < batch, with a batch
-# that is not a multiple of the kernel's 4-column panels) and a tile's latents (mc < tile
-# width), so the shared copy is read at every kind of offset.
+# The encode packs centered once and runs its register-blocked kernel (cpp/ksae/gemm.hpp) on
+# each tile against that copy (TileProduct). These shapes reach every edge of it: several
+# depth blocks (d_in > 512), a depth that is not a whole number of packets, a batch that is
+# not a whole number of row panels (8 rows with AVX-512, 4 otherwise) or is smaller than one,
+# latent ranges that end in partial register panels of 1, 2 and 3 packets, and tiles wider
+# than a W block (mc latents, half of L2), so the shared copy is read at every kind of offset.
 BLOCKED_SHAPES = [
-    (600, 768, 600, 8),     # depth and columns blocked; two tiles on one thread
-    (1023, 200, 700, 5),    # columns blocked, 3 remainder columns
-    (256, 150, 2100, 8),    # 1008-latent tiles split in row blocks (mc 528)
-    (97, 70, 5000, 3),      # tiles wider than the 1024 rows TileProduct packs: Eigen's product
+    (600, 768, 600, 8),     # two depth blocks; two tiles on one thread
+    (1023, 200, 700, 5),    # a last row panel of 7 (or 3) rows
+    (256, 150, 2100, 8),    # 1008-latent tiles, wider than a W block
+    (97, 70, 5000, 3),      # depth 70: packed in 16-value transposes plus 6 single values
+    (5, 1100, 130, 4),      # three depth blocks (368, 368, 364); batch below one row panel
+    (1, 33, 47, 2),         # one row; one partial register panel
+    (9, 17, 1, 1),          # one latent
 ]
 
 
@@ -342,6 +346,31 @@ def test_encode_blocked_products_match_the_reference(rng, shape, n_threads, dtyp
     fused = _core.encode(*args, None, None)
     for a, b in zip(fused, stored):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_products_do_not_depend_on_the_batch_the_latents_or_the_threads(rng, dtype):
+    # Each product is one multiply-add chain whose rounding depends on d_in alone (gemm.hpp):
+    # a row's pre-activations are bitwise the same in any batch, a latent's in any range of
+    # latents (any place in a register block), at any thread count.
+    batch, d_in, n = 37, 530, 300  # two depth blocks; row and latent panels end partly full
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+
+    def products(X, W, b_enc, n_threads=2):
+        pre = np.empty((X.shape[0], W.shape[0]), dtype=dtype)
+        _core.encode(X, W, b_enc, p["b_dec"], 1, "relu", n_threads, None, pre)
+        return pre
+
+    full = products(X, p["W_enc_t"], p["b_enc"])
+    assert rel_err(full, reference_pre(X, p) - as64(p["b_enc"])) < tol(dtype)
+    for n_threads in (1, 3, 4):
+        np.testing.assert_array_equal(products(X, p["W_enc_t"], p["b_enc"], n_threads), full)
+    for a, b in ((0, 1), (5, 12), (13, 37), (30, 37)):
+        np.testing.assert_array_equal(products(X[a:b], p["W_enc_t"], p["b_enc"]), full[a:b])
+    for j0, j1 in ((0, 1), (7, 100), (161, 300), (299, 300)):
+        W = np.ascontiguousarray(p["W_enc_t"][j0:j1])
+        b_enc = np.ascontiguousarray(p["b_enc"][j0:j1])
+        np.testing.assert_array_equal(products(X, W, b_enc), full[:, j0:j1])
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])

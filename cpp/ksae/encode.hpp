@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common.hpp"
+#include "gemm.hpp"
 #include "topk.hpp"
 
 #include <cstdint>
@@ -18,15 +19,12 @@ void select_rows(const T* pre, const T* bias, Index batch, Index n_latents, Inde
                  Activation act, T* values, LatentIndex* indices, T* selected_pre);
 
 // The encoder product is computed in tiles of latents. A tile's product (batch x tile) is
-// sized to stay in a core's cache, so the fused encode selects from it before it is evicted,
-// and Eigen's packed copy of W_enc (kc x tile values) is bounded by the tile instead of by a
-// thread's whole latent range (the ~1 KiB per latent transient of one large product).
+// sized to stay in a core's cache, so the fused encode selects from it before it is evicted.
 constexpr Index kTileBytes = Index(1) << 20;
-// Tiles hold a multiple of this many latents: a multiple of every row step of Eigen's GEBP
-// kernel (3 packets of 4, 8 or 16 floats, of 2, 4 or 8 doubles), so each latent goes through
-// the same micro-kernel path, hence the same rounding, as in one product over the thread's
-// range (kc, the depth blocking, depends on d_in only). The fused and the materialising
-// encode walk the same tiles, so they agree bitwise.
+// Tiles hold a multiple of this many latents, a multiple of the register block's width
+// (GemmKernel::MR: 48, 24 or 12 lanes), so only a thread's last tile may end in a partial
+// register panel. No rounding depends on the tiles (see GemmKernel): the fused and the
+// materialising encode agree bitwise, for any thread count.
 constexpr Index kTileStep = 48;
 
 // Each tile's product packs the whole (batch x d_in) operand again, so a narrow tile costs
@@ -57,108 +55,85 @@ inline void for_each_tile(Index c0, Index c1, Index tile, F f) {
   }
 }
 
-// out[r, j - j0] = centered[r] . W_enc_t[j] for j in [j0, j1), out's rows `stride` apart.
-template <class T>
-inline void multiply_tile(const T* centered, Index batch, Index d_in, const T* W_enc_t, Index j0,
-                          Index j1, T* out, Index stride) {
-  ConstMatrixMap<T> C(centered, batch, d_in);
-  ConstMatrixMap<T> W(W_enc_t + j0 * d_in, j1 - j0, d_in);
-  StridedMatrixMap<T> P(out, batch, j1 - j0, Eigen::OuterStride<>(stride));
-  P.noalias() = C * W.transpose();
-}
-
-// The tile products of one encode against a single packed copy of `centered`.
-//
-// Eigen evaluates a tile's product P = centered * W_tile^T transposed, P^T = W_tile *
-// centered^T, and packs its right operand, centered^T (d_in x batch), anew for every product:
-// at (1024, 768, 16384, 32), 2 threads, each thread's 34 tiles repacked the same 3 MiB, 6% of
-// the step's samples in perf. TileProduct packs centered^T once per encode (each thread a
-// share of its columns), and each tile then runs Eigen's own LHS packing and GEBP kernel with
-// the blocking Eigen's product computes for that tile, reading the shared copy. A product
-// Eigen would not give to GEBP (a single row or column, or a tiny one: see
-// uses_gebp) goes through Eigen's product as before.
+// The tile products of one encode (GemmKernel, gemm.hpp). `centered` is packed once per
+// encode, each thread packing a share of its row panels, and shared by every tile; a tile
+// packs its W_enc rows in blocks of mc latents (half of L2) by kc depth values and runs the
+// register blocks over each, all of centered's panels against the block's W panels.
 template <class T>
 class TileProduct {
-  using Traits = Eigen::internal::gebp_traits<T, T>;
-  using LhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::RowMajor>;
-  using RhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
-  using ResMapper = Eigen::internal::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+  using Kernel = GemmKernel<T>;
+  static constexpr Index MR = Kernel::MR, NR = Kernel::NR;
 
  public:
-  // Latents per tile at most `max_width`; `threads` per-thread LHS buffers. Allocates, so it
+  // Latents per tile at most `max_width`; `threads` per-thread W_enc blocks. Allocates, so it
   // is built outside any parallel region.
   TileProduct(Index batch, Index d_in, Index max_width, int threads)
-      : batch_(batch), d_in_(d_in) {
-    const Blocking b = blocking(max_width);
-    kc_ = b.kc;
-    // LHS blocks of up to kc x 1024 rows per thread (3 MiB at d_in 768): a tile whose
-    // blocking asks for more (a huge tile of a tiny batch, where the shared operand saves
-    // nothing) goes through Eigen's product, and when the widest tile does, nothing is
-    // packed or allocated here.
+      : batch_(batch), d_in_(d_in), kc_(Kernel::depth_block(d_in)),
+        panels_((batch + NR - 1) / NR) {
+    // W_enc blocks of mc latents: half of L2 at most, whole register panels, no wider than
+    // the widest tile. (mc changes no rounding: only kc does.)
+    std::ptrdiff_t l1, l2, l3;
+    Eigen::internal::manage_caching_sizes(Eigen::GetAction, &l1, &l2, &l3);
+    const Index fit = Index(l2) / 2 / (kc_ * Index(sizeof(T))) / MR * MR;
+    mc_ = std::max<Index>(MR, std::min(fit, (std::max<Index>(max_width, 1) + MR - 1) / MR * MR));
     constexpr Index kAlign = 64 / Index(sizeof(T));  // each thread's block on a 64-byte boundary
-    lhs_capacity_ = (kc_ * std::min<Index>(std::max<Index>(max_width, 1), 1024) + kAlign - 1) /
-                    kAlign * kAlign;
-    shared_ = uses_gebp(max_width) && b.kc * b.mc <= lhs_capacity_;
-    if (shared_) {
-      rhs_.reset(aligned_new(static_cast<size_t>(batch) * d_in));
-      lhs_.reset(aligned_new(static_cast<size_t>(threads) * lhs_capacity_));
-    }
+    lhs_capacity_ = (mc_ * kc_ + kAlign - 1) / kAlign * kAlign;
+    rhs_.reset(aligned_new(static_cast<size_t>(panels_ * NR) * d_in));
+    lhs_.reset(aligned_new(static_cast<size_t>(threads) * lhs_capacity_));
   }
 
-  // Packs this thread's share of centered^T's columns (batch rows of centered, in multiples
-  // of the kernel's nr): call inside the parallel region, from every thread, then barrier.
+  // Packs this thread's share of centered's row panels: call inside the parallel region, from
+  // every thread, then barrier. Depth block k0 (kc values) holds its panels at
+  // rhs_ + k0 * panels * NR, panel q's kc x NR values one after the other; rows past the
+  // batch are zeros.
   void pack(const T* centered) {
-    if (!shared_) return;
-    Index j0, j1;
-    this_thread_range(batch_, &j0, &j1, Traits::nr);
-    if (j1 <= j0) return;
-    const RhsMapper rhs(centered, d_in_);
-    Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
-    // Depth block k2 (kc rows of centered^T) holds its batch columns at rhs_ + k2 * batch,
-    // nr-column panels one after the other, as one packing of the whole block lays them out.
-    for (Index k2 = 0; k2 < d_in_; k2 += kc_) {
-      const Index kc = std::min(k2 + kc_, d_in_) - k2;
-      pack_rhs(rhs_.get() + k2 * batch_ + j0 * kc, rhs.getSubMapper(k2, j0), kc, j1 - j0);
+    Index q0, q1;
+    this_thread_range(panels_, &q0, &q1, 1);
+    for (Index k0 = 0; k0 < d_in_; k0 += kc_) {
+      const Index kc = std::min(k0 + kc_, d_in_) - k0;
+      for (Index q = q0; q < q1; ++q) {
+        T* out = rhs_.get() + k0 * panels_ * NR + q * kc * NR;
+        for (Index c = 0; c < NR; ++c) {
+          const Index r = q * NR + c;
+          if (r < batch_) {
+            const T* row = centered + r * d_in_ + k0;
+            for (Index t = 0; t < kc; ++t) out[t * NR + c] = row[t];
+          } else {
+            for (Index t = 0; t < kc; ++t) out[t * NR + c] = T(0);
+          }
+        }
+      }
     }
   }
 
   // out[r, j - j0] = centered[r] . W_enc_t[j] for j in [j0, j1), out's rows `stride` apart,
-  // on thread `tid` (its LHS buffer).
-  void multiply(const T* centered, const T* W_enc_t, Index j0, Index j1, T* out, Index stride,
-                int tid) const {
+  // on thread `tid` (its W_enc block), from the packed copy of `centered`.
+  void multiply(const T* W_enc_t, Index j0, Index j1, T* out, Index stride, int tid) const {
     const Index width = j1 - j0;
-    const Blocking b = blocking(width);
-    if (!shared_ || !uses_gebp(width) || b.kc != kc_ || b.kc * b.mc > lhs_capacity_) {
-      multiply_tile(centered, batch_, d_in_, W_enc_t, j0, j1, out, stride);
+    if (d_in_ == 0) {  // empty sums
+      for (Index r = 0; r < batch_; ++r) std::fill(out + r * stride, out + r * stride + width, T(0));
       return;
     }
-    for (Index r = 0; r < batch_; ++r) std::fill(out + r * stride, out + r * stride + width, T(0));
-    const LhsMapper lhs(W_enc_t + j0 * d_in_, d_in_);
-    const ResMapper res(out, stride);
-    Eigen::internal::gemm_pack_lhs<T, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
-                                   typename Traits::LhsPacket4Packing, Eigen::RowMajor> pack_lhs;
-    Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
     T* blockA = lhs_.get() + static_cast<size_t>(tid) * lhs_capacity_;
-    // Eigen's loop order (general_matrix_matrix_product::run): the sum over depth runs block
-    // by block into the zeroed result, as there.
-    for (Index i2 = 0; i2 < width; i2 += b.mc) {
-      const Index mc = std::min(i2 + b.mc, width) - i2;
-      for (Index k2 = 0; k2 < d_in_; k2 += kc_) {
-        const Index kc = std::min(k2 + kc_, d_in_) - k2;
-        pack_lhs(blockA, lhs.getSubMapper(i2, k2), kc, mc);
-        for (Index c2 = 0; c2 < batch_; c2 += b.nc) {
-          const Index nc = std::min(c2 + b.nc, batch_) - c2;
-          gebp(res.getSubMapper(i2, c2), blockA, rhs_.get() + k2 * batch_ + c2 * kc, mc, kc, nc,
-               T(1));
+    for (Index k0 = 0; k0 < d_in_; k0 += kc_) {
+      const Index kc = std::min(k0 + kc_, d_in_) - k0;
+      const T* rhs = rhs_.get() + k0 * panels_ * NR;
+      for (Index i2 = 0; i2 < width; i2 += mc_) {
+        const Index mc = std::min(i2 + mc_, width) - i2;
+        Kernel::pack_w(W_enc_t + (j0 + i2) * d_in_ + k0, d_in_, mc, kc, blockA);
+        for (Index q = 0; q < panels_; ++q) {
+          const Index nr = std::min(NR, batch_ - q * NR);
+          T* P = out + q * NR * stride + i2;
+          for (Index p = 0; p < mc; p += MR) {
+            Kernel::panel(kc, blockA + p * kc, rhs + q * kc * NR, P + p, stride, k0 > 0,
+                          std::min(MR, mc - p), nr);
+          }
         }
       }
     }
   }
 
  private:
-  struct Blocking {
-    Index kc, mc, nc;
-  };
   struct AlignedFree {
     void operator()(T* p) const { Eigen::internal::aligned_free(p); }
   };
@@ -167,26 +142,7 @@ class TileProduct {
     return static_cast<T*>(Eigen::internal::aligned_malloc(std::max<size_t>(n, 1) * sizeof(T)));
   }
 
-  // The blocking Eigen's product gives P^T = W_tile * centered^T (gemm_blocking_space with
-  // l3 blocking, one thread): kc depends on d_in only. nc is kept a multiple of nr, so each
-  // column block starts on a panel of the shared packing.
-  Blocking blocking(Index width) const {
-    Index kc = d_in_, mc = width, nc = batch_;
-    Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc, mc, nc, Index(1));
-    mc = std::max<Index>(1, std::min(mc, width));
-    nc = std::min(nc, batch_);
-    if (nc < batch_) nc = std::max<Index>(Traits::nr, nc / Traits::nr * Traits::nr);
-    return {kc, mc, nc};
-  }
-
-  // Whether Eigen's product evaluates this tile with GEBP: not a product with one row or one
-  // column (GEMV), nor one below EIGEN_GEMM_TO_COEFFBASED_THRESHOLD (coefficient-wise).
-  bool uses_gebp(Index width) const {
-    return batch_ > 1 && width > 1 && d_in_ + batch_ + width >= EIGEN_GEMM_TO_COEFFBASED_THRESHOLD;
-  }
-
-  Index batch_, d_in_, kc_ = 0, lhs_capacity_ = 0;
-  bool shared_ = false;
+  Index batch_, d_in_, kc_, panels_, mc_ = 0, lhs_capacity_ = 0;
   std::unique_ptr<T[], AlignedFree> rhs_, lhs_;
 };
 
@@ -245,7 +201,7 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);
     for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
-      product.multiply(centered, W_enc_t, j0, j1, pre + j0, n_latents, tid);
+      product.multiply(W_enc_t, j0, j1, pre + j0, n_latents, tid);
     });
 #pragma omp barrier
     select_rows(pre, b_enc, batch, n_latents, k, act, values, indices, selected_pre);
@@ -450,7 +406,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     auto walk = [&](auto key) {
       for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
         const Index width = j1 - j0;
-        product.multiply(centered, W_enc_t, j0, j1, buffer, width, tid);
+        product.multiply(W_enc_t, j0, j1, buffer, width, tid);
         for (Index r = 0; r < batch; ++r) {
           fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r],
                         scratch, j1 == c1);
