@@ -18,6 +18,18 @@
 #define KSAE_HAVE_MXCSR 1
 #endif
 
+// Code on Eigen's packets (Eigen::internal) uses x86 vector types such as __m512 as template
+// arguments, which drops their alignment attribute; GCC reports each use (Eigen's own kernels
+// do the same). Wrap such code in these.
+#if defined(__GNUC__) && !defined(__clang__)
+#define KSAE_PACKET_CODE_BEGIN \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wignored-attributes\"")
+#define KSAE_PACKET_CODE_END _Pragma("GCC diagnostic pop")
+#else
+#define KSAE_PACKET_CODE_BEGIN
+#define KSAE_PACKET_CODE_END
+#endif
+
 namespace ksae {
 
 using Index = std::ptrdiff_t;

@@ -55,6 +55,7 @@ inline void for_each_tile(Index c0, Index c1, Index tile, F f) {
   }
 }
 
+KSAE_PACKET_CODE_BEGIN
 // The tile products of one encode (GemmKernel, gemm.hpp). `centered` is packed once per
 // encode, each thread packing a share of its row panels, and shared by every tile; a tile
 // packs its W_enc rows in blocks of mc latents (half of L2) by kc depth values and runs the
@@ -82,26 +83,30 @@ class TileProduct {
     lhs_.reset(aligned_new(static_cast<size_t>(threads) * lhs_capacity_));
   }
 
-  // Packs this thread's share of centered's row panels: call inside the parallel region, from
-  // every thread, then barrier. Depth block k0 (kc values) holds its panels at
-  // rhs_ + k0 * panels * NR, panel q's kc x NR values one after the other; rows past the
-  // batch are zeros.
-  void pack(const T* centered) {
+  // centered = X - b_dec, and the packed copy of it, for this thread's share of the row
+  // panels: call inside the parallel region, from every thread, then barrier. Depth block k0
+  // (kc values) holds its panels at rhs_ + k0 * panels * NR, panel q's kc x NR values one
+  // after the other (depth-major); rows past the batch are zeros. Each row is centered and
+  // packed while it is in cache.
+  void center_and_pack(const T* X, const T* b_dec, T* centered) {
     Index q0, q1;
     this_thread_range(panels_, &q0, &q1, 1);
-    for (Index k0 = 0; k0 < d_in_; k0 += kc_) {
-      const Index kc = std::min(k0 + kc_, d_in_) - k0;
-      for (Index q = q0; q < q1; ++q) {
-        T* out = rhs_.get() + k0 * panels_ * NR + q * kc * NR;
-        for (Index c = 0; c < NR; ++c) {
-          const Index r = q * NR + c;
-          if (r < batch_) {
-            const T* row = centered + r * d_in_ + k0;
-            for (Index t = 0; t < kc; ++t) out[t * NR + c] = row[t];
-          } else {
-            for (Index t = 0; t < kc; ++t) out[t * NR + c] = T(0);
-          }
+    const T* rows[NR];
+    for (Index q = q0; q < q1; ++q) {
+      for (Index c = 0; c < NR; ++c) {
+        const Index r = q * NR + c;
+        if (r < batch_) {
+          const T* x = X + r * d_in_;
+          T* out = centered + r * d_in_;
+          for (Index i = 0; i < d_in_; ++i) out[i] = x[i] - b_dec[i];
+          rows[c] = out;
+        } else {
+          rows[c] = nullptr;
         }
+      }
+      for (Index k0 = 0; k0 < d_in_; k0 += kc_) {
+        const Index kc = std::min(k0 + kc_, d_in_) - k0;
+        pack_panel(rows, k0, kc, rhs_.get() + k0 * panels_ * NR + q * kc * NR);
       }
     }
   }
@@ -142,19 +147,34 @@ class TileProduct {
     return static_cast<T*>(Eigen::internal::aligned_malloc(std::max<size_t>(n, 1) * sizeof(T)));
   }
 
+  // Depth values [k0, k0 + kc) of NR rows (null: a row past the batch, zeros) into `out`,
+  // depth-major: out[t * NR + c] = rows[c][k0 + t]. NR x NR transposes where a packet holds
+  // NR values (AVX-512 float and double, AVX2 and SSE float, AVX2 double).
+  static void pack_panel(const T* const* rows, Index k0, Index kc, T* out) {
+    using namespace Eigen::internal;
+    using PacketNR = typename find_best_packet<T, NR>::type;
+    Index t = 0;
+    if constexpr (unpacket_traits<PacketNR>::size == NR && NR > 1) {
+      bool whole = true;
+      for (Index c = 0; c < NR; ++c) whole = whole && rows[c] != nullptr;
+      if (whole) {
+        for (; t + NR <= kc; t += NR) {
+          PacketBlock<PacketNR, int(NR)> block;
+          for (Index c = 0; c < NR; ++c) block.packet[c] = ploadu<PacketNR>(rows[c] + k0 + t);
+          ptranspose(block);
+          for (Index i = 0; i < NR; ++i) pstoreu(out + (t + i) * NR, block.packet[i]);
+        }
+      }
+    }
+    for (; t < kc; ++t) {
+      for (Index c = 0; c < NR; ++c) out[t * NR + c] = rows[c] ? rows[c][k0 + t] : T(0);
+    }
+  }
+
   Index batch_, d_in_, kc_, panels_, mc_ = 0, lhs_capacity_ = 0;
   std::unique_ptr<T[], AlignedFree> rhs_, lhs_;
 };
-
-template <class T>
-void center_rows(const T* X, const T* b_dec, Index batch, Index d_in, T* centered) {
-#pragma omp for schedule(static)
-  for (Index r = 0; r < batch; ++r) {
-    const T* x = X + r * d_in;
-    T* c = centered + r * d_in;
-    for (Index i = 0; i < d_in; ++i) c[i] = x[i] - b_dec[i];
-  }
-}
+KSAE_PACKET_CODE_END
 
 template <class T>
 void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, const T* b_enc,
@@ -193,8 +213,7 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
 #ifdef KSAE_HAVE_OPENMP
     tid = omp_get_thread_num();
 #endif
-    center_rows(X, b_dec, batch, d_in, centered);
-    product.pack(centered);
+    product.center_and_pack(X, b_dec, centered);
 #pragma omp barrier
     // The dense product, split by latent columns: each thread multiplies all rows by its own
     // slice of W_enc, so the large operand is read (and packed) once in all.
@@ -257,9 +276,7 @@ inline T block_bound(const T* p, const T* bias, Index nb, Index w, Index k, Key 
       M[i] = v > M[i] ? v : M[i];
     }
   }
-  std::copy(M, M + nb, order);
-  std::nth_element(order, order + (k - 1), order + nb, [](T a, T b) { return a > b; });
-  return order[k - 1];
+  return kth_largest(M, nb, k, order);
 }
 
 // Block width for block_bound on a row of `width` entries: the widest of 32, 16, ..., 2 that
@@ -395,8 +412,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
 #pragma omp single
     team = omp_get_num_threads();
 #endif
-    center_rows(X, b_dec, batch, d_in, centered);
-    product.pack(centered);
+    product.center_and_pack(X, b_dec, centered);
 #pragma omp barrier
     Index c0, c1;
     this_thread_range(n_latents, &c0, &c1, 16);

