@@ -432,6 +432,9 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     with_selection_key<T>(act, walk);
 #pragma omp barrier
     std::vector<KeptEntry<T>> merged;
+    std::vector<T> keys;
+    std::vector<LatentIndex> latents;
+    std::vector<Index> best(static_cast<size_t>(k));
 #pragma omp for schedule(static)
     for (Index r = 0; r < batch; ++r) {
       merged.clear();
@@ -440,15 +443,25 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
         merged.insert(merged.end(), rc.entries, rc.entries + rc.count);
       }
       // Every thread kept at least min(k, its range) entries, so there are at least k.
-      if (static_cast<Index>(merged.size()) > k) {
-        std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(),
-                         preferred);
+      const Index m = static_cast<Index>(merged.size());
+      keys.resize(static_cast<size_t>(m));
+      latents.resize(static_cast<size_t>(m));
+      for (Index i = 0; i < m; ++i) {
+        keys[i] = merged[i].key;
+        latents[i] = merged[i].index;
       }
-      std::sort(merged.begin(), merged.begin() + k, preferred);
+      if (!rank_top_k(keys.data(), latents.data(), m, k, best.data())) {
+        if (m > k) {
+          std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(), preferred);
+        }
+        std::sort(merged.begin(), merged.begin() + k, preferred);
+        for (Index s = 0; s < k; ++s) best[s] = s;
+      }
       T* v = values + r * k;
       for (Index s = 0; s < k; ++s) {
-        const T x = merged[s].pre;
-        indices[r * k + s] = merged[s].index;
+        const KeptEntry<T>& e = merged[best[s]];
+        const T x = e.pre;
+        indices[r * k + s] = e.index;
         if (selected_pre) selected_pre[r * k + s] = x;
         v[s] = act == Activation::softmax ? x : activate(act, x);
       }

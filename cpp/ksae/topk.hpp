@@ -88,6 +88,56 @@ inline T kth_largest(const T* v, Index n, Index k, T* order) {
   std::nth_element(order, order + (k - 1), order + n, [](T a, T b) { return a > b; });
   return order[k - 1];
 }
+
+// The k best of m candidates (key[i], index[i]; no NaN key, distinct indices) in preference
+// order (larger key first, the lower index on ties): out[s] = the candidate of rank s, for
+// s < k <= m. Each candidate's rank is the count of candidates preferred to it, counted by
+// key per lane as in kth_largest, plus, for a key that others share, those of lower index;
+// no sort. Returns false, writing nothing, when m exceeds 8 packets (128 float32 with
+// AVX-512) or packets hold one value: the caller then sorts.
+template <class T>
+inline bool rank_top_k(const T* key, const LatentIndex* index, Index m, Index k, Index* out) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<T>::type;
+  constexpr Index S = unpacket_traits<Packet>::size;
+  constexpr Index kPackets = 8;
+  if constexpr (S == 1) {
+    return false;
+  } else {
+    if (m > kPackets * S) return false;
+    const Index packets = (m + S - 1) / S;
+    alignas(64) T lanes[kPackets * S];  // the keys, the last packet padded (its pads unread)
+    std::copy(key, key + m, lanes);
+    std::fill(lanes + m, lanes + packets * S, T(0));
+    Packet keys[kPackets], above[kPackets], equal[kPackets];
+    const Packet one = pset1<Packet>(T(1)), zero = pset1<Packet>(T(0));
+    for (Index q = 0; q < packets; ++q) {
+      keys[q] = pload<Packet>(lanes + q * S);
+      above[q] = zero;
+      equal[q] = zero;
+    }
+    for (Index j = 0; j < m; ++j) {
+      const Packet x = pset1<Packet>(key[j]);
+      for (Index q = 0; q < packets; ++q) {
+        above[q] = padd(above[q], pand(pcmp_lt(keys[q], x), one));
+        equal[q] = padd(equal[q], pand(pcmp_eq(keys[q], x), one));
+      }
+    }
+    alignas(64) T ranks[kPackets * S], shared[kPackets * S];
+    for (Index q = 0; q < packets; ++q) {
+      pstore(ranks + q * S, above[q]);
+      pstore(shared + q * S, equal[q]);
+    }
+    for (Index i = 0; i < m; ++i) {
+      Index rank = Index(ranks[i]);
+      if (shared[i] > T(1)) {  // a tie on the key: the lower indices go first
+        for (Index j = 0; j < m; ++j) rank += key[j] == key[i] && index[j] < index[i];
+      }
+      if (rank < k) out[rank] = i;
+    }
+    return true;
+  }
+}
 KSAE_PACKET_CODE_END
 
 // Scratch space for select_topk_row, reused across the rows a thread handles.
