@@ -27,11 +27,13 @@ constexpr Index kTileBytes = Index(1) << 20;
 // materialising encode agree bitwise, for any thread count.
 constexpr Index kTileStep = 48;
 
-// Each tile's product packs the whole (batch x d_in) operand again, so a narrow tile costs
-// a repacking per few latents: measured at (4096, 768, 4096), one thread, the materialising
-// encode took 377 ms with 96-latent tiles, 326-328 ms with 192 to 528, 322 ms untiled.
+// A tile streams the packed batch (batch x d_in) through the kernel once per W block, so a
+// narrow tile reads it again per few latents. Measured at (4096, 768, 4096, 32), one thread
+// (C++ harness, x86-64-v4): the fused encode took 284-289 ms with 96-latent tiles, 279-283
+// with 240, 274-276 with 528 (with Eigen's product, which repacked the batch for every tile,
+// the materialising encode had taken 377 ms with 96-latent tiles and 326-328 with 192-528).
 // Large batches therefore get tiles of this many latents even where they exceed kTileBytes
-// (they then sit in L3 rather than L2; the fused encode was still faster than untiled).
+// (they then sit in L3 rather than L2).
 constexpr Index kMinTileLatents = 5 * kTileStep;
 
 // Latents per tile for a batch: about kTileBytes of products, a multiple of kTileStep, at
