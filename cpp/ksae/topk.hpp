@@ -46,30 +46,47 @@ inline void with_selection_key(Activation act, F f) {
 }
 
 KSAE_PACKET_CODE_BEGIN
+// Values per packet and packets per row of the counting selections below (kth_largest,
+// rank_top_k): at most kCountPackets packets (128 float32 with AVX-512) are counted.
+template <class T>
+struct CountLanes {
+  using Packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index S = Eigen::internal::unpacket_traits<Packet>::size;
+  static constexpr Index kCountPackets = 8;
+
+  // Loads v[0:n) (n <= kCountPackets * S) into packets, the last one padded with -inf;
+  // returns the packet count.
+  static Index load(const T* v, Index n, Packet* out) {
+    using namespace Eigen::internal;
+    const Index full = n / S, packets = (n + S - 1) / S;
+    for (Index q = 0; q < full; ++q) out[q] = ploadu<Packet>(v + q * S);
+    if (full < packets) {
+      alignas(64) T tail[S];
+      for (Index i = 0; i < S; ++i) {
+        tail[i] = full * S + i < n ? v[full * S + i] : -std::numeric_limits<T>::infinity();
+      }
+      out[full] = pload<Packet>(tail);
+    }
+    return packets;
+  }
+};
+
 // The k-th largest of v[0:n) (1 <= k <= n; no NaN), using `order` (n values) as scratch.
 // Up to 8 packets of values (128 float32 with AVX-512), branch-free: each value's count of
 // values >= it, kept per lane (n^2 / packet-size comparisons), and the largest value whose
 // count reaches k. That is the k-th largest: at least k values reach it, and any larger
 // value is reached by at most k - 1. Measured for n = 62, k = 25 (this project's Zen 4):
-// 173-187 ns, against 700-835 ns for std::nth_element, whose branches the data decide.
+// 171-187 ns, against 700-835 ns for std::nth_element, whose branches the data decide.
 // Longer rows go through std::nth_element.
 template <class T>
 inline T kth_largest(const T* v, Index n, Index k, T* order) {
   using namespace Eigen::internal;
-  using Packet = typename packet_traits<T>::type;
-  constexpr Index S = unpacket_traits<Packet>::size;
-  constexpr Index kPackets = 8;
-  if constexpr (S > 1) {
-    if (n <= kPackets * S) {
-      constexpr T lowest = -std::numeric_limits<T>::infinity();
-      const Index full = n / S, packets = (n + S - 1) / S;
-      Packet m[kPackets], count[kPackets];
-      for (Index q = 0; q < full; ++q) m[q] = ploadu<Packet>(v + q * S);
-      if (full < packets) {  // the last partial packet, padded with -inf (counted by none)
-        alignas(64) T tail[S];
-        for (Index i = 0; i < S; ++i) tail[i] = full * S + i < n ? v[full * S + i] : lowest;
-        m[full] = pload<Packet>(tail);
-      }
+  using Lanes = CountLanes<T>;
+  using Packet = typename Lanes::Packet;
+  if constexpr (Lanes::S > 1) {
+    if (n <= Lanes::kCountPackets * Lanes::S) {
+      Packet m[Lanes::kCountPackets], count[Lanes::kCountPackets];
+      const Index packets = Lanes::load(v, n, m);  // -inf pads: their counts do not matter
       const Packet one = pset1<Packet>(T(1));
       for (Index q = 0; q < packets; ++q) count[q] = pset1<Packet>(T(0));
       for (Index j = 0; j < n; ++j) {
@@ -78,7 +95,8 @@ inline T kth_largest(const T* v, Index n, Index k, T* order) {
           count[q] = padd(count[q], pand(pcmp_le(m[q], x), one));  // v[j] >= this lane's value
         }
       }
-      const Packet need = pset1<Packet>(T(k)), none = pset1<Packet>(lowest);
+      const Packet need = pset1<Packet>(T(k));
+      const Packet none = pset1<Packet>(-std::numeric_limits<T>::infinity());
       Packet best = none;
       for (Index q = 0; q < packets; ++q) best = pmax(best, pselect(pcmp_le(need, count[q]), m[q], none));
       return predux_max(best);
@@ -98,24 +116,17 @@ inline T kth_largest(const T* v, Index n, Index k, T* order) {
 template <class T>
 inline bool rank_top_k(const T* key, const LatentIndex* index, Index m, Index k, Index* out) {
   using namespace Eigen::internal;
-  using Packet = typename packet_traits<T>::type;
-  constexpr Index S = unpacket_traits<Packet>::size;
-  constexpr Index kPackets = 8;
+  using Lanes = CountLanes<T>;
+  using Packet = typename Lanes::Packet;
+  constexpr Index S = Lanes::S;
   if constexpr (S == 1) {
     return false;
   } else {
-    if (m > kPackets * S) return false;
-    const Index packets = (m + S - 1) / S;
-    alignas(64) T lanes[kPackets * S];  // the keys, the last packet padded (its pads unread)
-    std::copy(key, key + m, lanes);
-    std::fill(lanes + m, lanes + packets * S, T(0));
-    Packet keys[kPackets], above[kPackets], equal[kPackets];
-    const Packet one = pset1<Packet>(T(1)), zero = pset1<Packet>(T(0));
-    for (Index q = 0; q < packets; ++q) {
-      keys[q] = pload<Packet>(lanes + q * S);
-      above[q] = zero;
-      equal[q] = zero;
-    }
+    if (m > Lanes::kCountPackets * S) return false;
+    Packet keys[Lanes::kCountPackets], above[Lanes::kCountPackets], equal[Lanes::kCountPackets];
+    const Index packets = Lanes::load(key, m, keys);  // the pads' ranks are not read
+    const Packet one = pset1<Packet>(T(1));
+    for (Index q = 0; q < packets; ++q) above[q] = equal[q] = pset1<Packet>(T(0));
     for (Index j = 0; j < m; ++j) {
       const Packet x = pset1<Packet>(key[j]);
       for (Index q = 0; q < packets; ++q) {
@@ -123,7 +134,7 @@ inline bool rank_top_k(const T* key, const LatentIndex* index, Index m, Index k,
         equal[q] = padd(equal[q], pand(pcmp_eq(keys[q], x), one));
       }
     }
-    alignas(64) T ranks[kPackets * S], shared[kPackets * S];
+    alignas(64) T ranks[Lanes::kCountPackets * S], shared[Lanes::kCountPackets * S];
     for (Index q = 0; q < packets; ++q) {
       pstore(ranks + q * S, above[q]);
       pstore(shared + q * S, equal[q]);
