@@ -39,15 +39,20 @@ template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<double>() { return "float64"; }
 template <> const char* dtype_name<LatentIndex>() { return "int64"; }
 
+// Throws TypeError naming `name` unless `obj` is a numpy array.
+void require_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  }
+}
+
 // Returns the data pointer of `obj` after checking that it is a C-contiguous array of T with
 // the expected shape (kAny matches any extent). Throws TypeError/ValueError naming `name`.
 template <class T>
 T* checked(const py::handle& obj, const char* name, const std::vector<Index>& shape,
            bool writable = false) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
-                         std::string(py::str(obj.get_type().attr("__name__"))));
-  }
+  require_array(obj, name);
   auto arr = py::reinterpret_borrow<py::array>(obj);
   std::vector<Index> actual(arr.shape(), arr.shape() + arr.ndim());
   auto describe = [&]() {
@@ -69,10 +74,7 @@ Index dim(const py::handle& obj, int axis) {
 }
 
 void check_2d(const py::handle& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
-                         std::string(py::str(obj.get_type().attr("__name__"))));
-  }
+  require_array(obj, name);
   auto arr = py::reinterpret_borrow<py::array>(obj);
   if (arr.ndim() != 2) {
     throw py::value_error(std::string(name) + ": expected a 2-D array, got " +
@@ -385,10 +387,7 @@ py::tuple select_impl(const py::object& pre, const py::object& bias, Index k,
 
 // Shape of a parameter as (rows, cols): a vector is one row.
 std::vector<Index> param_shape(const py::handle& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
-                         std::string(py::str(obj.get_type().attr("__name__"))));
-  }
+  require_array(obj, name);
   auto arr = py::reinterpret_borrow<py::array>(obj);
   if (arr.ndim() < 1 || arr.ndim() > 2) {
     throw py::value_error(std::string(name) + ": expected a 1-D or 2-D array, got " +
@@ -758,10 +757,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "squared_norm",
       [](const py::object& array, int n_threads) {
-        if (!py::isinstance<py::array>(array)) {
-          throw py::type_error("array: expected a numpy array, got " +
-                               std::string(py::str(array.get_type().attr("__name__"))));
-        }
+        require_array(array, "array");
         return is_float32(array) ? squared_norm_impl<float>(array, n_threads)
                                  : squared_norm_impl<double>(array, n_threads);
       },
