@@ -81,9 +81,12 @@ struct GemmKernel {
       const Index n = std::min(MR, rows - p);
       const Index lanes = packets_for(n) * kPacket;
       T* panel = out + p * kc;
-      for (Index l = 0; l < lanes; ++l) {
+      for (Index l = 0; l < n; ++l) {
         const T* w = W + (p + l) * ldw;
-        for (Index t = 0; t < kc; ++t) panel[t * lanes + l] = l < n ? w[t] : T(0);
+        for (Index t = 0; t < kc; ++t) panel[t * lanes + l] = w[t];
+      }
+      for (Index l = n; l < lanes; ++l) {  // padding lanes: no row of W behind them
+        for (Index t = 0; t < kc; ++t) panel[t * lanes + l] = T(0);
       }
     }
   }
