@@ -12,18 +12,26 @@
 // has AVX-512, else x86-64-v3; any Eigen 3.4 include directory will do, and cmeel-eigen, the
 // build requirement, installs one). -march=native times differently: with GCC 12's znver4
 // tuning Eigen's product of (256 x 784) x (784 x 1000) took 4.7-5.2 ms on one Zen 4 thread,
-// against 3.75-4.0 ms with x86-64-v4.
+// against 3.75-4.0 ms with x86-64-v4 (which the package builds with -mprfchw).
 //     EIGEN=$(python -m cmeel cmake)/include/eigen3
-//     FLAGS="-std=c++17 -O3 -march=x86-64-v4 -DNDEBUG -DEIGEN_DONT_PARALLELIZE -fno-math-errno"
+//     FLAGS="-std=c++17 -O3 -march=x86-64-v4 -mprfchw -DNDEBUG -DEIGEN_DONT_PARALLELIZE -fno-math-errno"
 //     g++ $FLAGS -DKSAE_HAVE_OPENMP -fopenmp -Icpp -I"$EIGEN" benchmarks/step_kernels.cpp -o step_kernels
 // Run:
 //     OMP_NUM_THREADS=2 ./step_kernels 1024 768 16384 32 --steps 50 --threads 2
 // To compare two versions of the kernels, build this file against each checkout's cpp/ and
-// alternate the two binaries (this machine's speed drifts between runs).
+// alternate the two binaries.
+//
+// The last line gives the round trip of a cache line between the first two threads, before
+// and after the steps. On the 2-vCPU VM of RESULTS.md it is either about 55 ns (the two
+// vCPUs on cores that share an L3) or about 320 ns (on different CCDs), and the host moves
+// them between the two every few seconds; the (256, 784, 1000, 25) step took 3.6 and 7.2 ms
+// in the two before the backward kept each latent's rows on one core. Compare runs with
+// the same round trips.
 #include "ksae/backward.hpp"
 #include "ksae/encode.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -60,6 +68,42 @@ Index positive(const char* text, const char* name) {
     usage((std::string(name) + ": expected a positive integer, got '" + text + "'").c_str());
   }
   return static_cast<Index>(value);
+}
+
+// Median round trip, in ns, of a cache line passed back and forth between threads 0 and 1
+// (0 with fewer than two threads): about the latency of a store that must first invalidate
+// the other core's copy.
+double round_trip_ns(int threads) {
+#ifdef KSAE_HAVE_OPENMP
+  if (threads < 2) return 0.0;
+  alignas(64) static std::atomic<int> ball;
+  std::vector<double> trips;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    constexpr int kTrips = 2000;
+    ball.store(0);
+    double start = 0.0, stop = 0.0;
+#pragma omp parallel num_threads(2)
+    {
+      const bool first = omp_get_thread_num() == 0;
+      if (first) start = now();
+      for (int i = 0; i < kTrips; ++i) {
+        if (first) {
+          ball.store(2 * i + 1, std::memory_order_release);
+          while (ball.load(std::memory_order_acquire) != 2 * i + 2) {}
+        } else {
+          while (ball.load(std::memory_order_acquire) != 2 * i + 1) {}
+          ball.store(2 * i + 2, std::memory_order_release);
+        }
+      }
+      if (first) stop = now();
+    }
+    trips.push_back((stop - start) / kTrips);
+  }
+  return median_ms(trips) * 1e6;
+#else
+  (void)threads;
+  return 0.0;
+#endif
 }
 
 }  // namespace
@@ -106,6 +150,7 @@ int main(int argc, char** argv) {
   Buffer grad_b_enc(static_cast<size_t>(n)), grad_b_dec(static_cast<size_t>(d));
   std::vector<ksae::LatentIndex> indices(static_cast<size_t>(batch * k));
 
+  const double trip_before = round_trip_ns(threads);
   std::vector<double> t_step, t_encode, t_decode, t_backward;
   double loss = 0.0;
   for (Index s = 0; s < steps; ++s) {
@@ -156,5 +201,9 @@ int main(int argc, char** argv) {
   std::printf("step %.3f ms | encode %.3f | %s %.3f | backward_adam %.3f\n", median_ms(t_step),
               median_ms(t_encode), separate ? "decode+loss" : "decode_mse", median_ms(t_decode),
               median_ms(t_backward));
+  if (threads >= 2) {
+    std::printf("round trip between threads 0 and 1: %.0f ns before, %.0f ns after\n",
+                trip_before, round_trip_ns(threads));
+  }
   return 0;
 }

@@ -42,6 +42,11 @@ function(ksae_arch_flags target arch)
     check_cxx_compiler_flag("${flag}" ${var})
     if(${var})
       target_compile_options(${target} PRIVATE ${flag})
+      # Every CPU with AVX-512 has PREFETCHW, which the flag levels leave out (common.hpp's
+      # prefetch_for_write).
+      if(arch STREQUAL "x86-64-v4")
+        target_compile_options(${target} PRIVATE -mprfchw)
+      endif()
     else()
       message(WARNING "${flag} is not supported by this compiler: building portable")
       set(arch "portable")

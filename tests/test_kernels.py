@@ -556,8 +556,8 @@ def test_backward_matches_reference(rng, shape, activation, project, n_threads, 
 @pytest.mark.parametrize("project", [False, True], ids=["plain", "projected"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_backward_bitwise_identical_for_one_and_two_threads(rng, activation, project, dtype):
-    # Gradient rows are owned by latents and grad_b_dec by feature slices, so the summation
-    # order does not depend on the thread count.
+    # Gradient rows are owned by latents and grad_b_dec is summed over fixed chunks of
+    # latents, so the summation order does not depend on the thread count.
     inputs = backward_inputs(rng, 65, 37, 300, 17, dtype, activation)
     X, p, centered, values, indices, grad_out = inputs
     one, two = (core_backward(p, grad_out, centered, values, indices, activation, project, nt)
@@ -637,6 +637,48 @@ def test_backward_adam_bitwise_equals_backward_then_adam(rng, shape, activation,
         np.testing.assert_array_equal(v[name], v2[name], err_msg=f"exp_avg_sq {name}")
     np.testing.assert_array_equal(grad_b_enc, grads["b_enc"])
     np.testing.assert_array_equal(grad_b_dec, grads["b_dec"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_large_dictionary_matches_reference_for_any_thread_count(rng, dtype):
+    # Over 16384 latents grad_b_dec's partial sums cover chunks of more than 16 latents (48
+    # here), and each thread's range of latents starts on a chunk boundary; 3 threads split
+    # the chunks unevenly. The code selects nearly every latent (so every chunk's sum counts),
+    # all but one whole chunk and a few scattered latents. The result must not depend on the
+    # split, and the fused Adam step must still equal the backward followed by adam_update.
+    batch, d_in, n, k = 50, 11, 40_000, 790
+    X, p = encode_inputs(rng, batch, d_in, n, dtype)
+    centered = (X - p["b_dec"]).astype(dtype)
+    chosen = rng.permutation(np.setdiff1d(np.arange(n), np.arange(96, 144)))[:batch * k]
+    indices = chosen.reshape(batch, k).astype(np.int64)
+    values = rng.random((batch, k)).astype(dtype) + dtype(0.1)
+    grad_out = np.ascontiguousarray(rng.standard_normal((batch, d_in)), dtype=dtype)
+    runs = [core_backward(p, grad_out, centered, values, indices, "relu", False, nt)
+            for nt in (1, 2, 3)]
+    expected = ref.backward(*as64(grad_out, X, values), indices,
+                            *as64(p["W_enc_t"].T, p["b_dec"], p["W_dec"]), "relu", False)
+    assert rel_err(runs[0]["b_dec"], expected["b_dec"]) < tol(dtype)
+    assert rel_err(runs[0]["W_enc_t"], expected["W_enc"].T) < tol(dtype)
+    for run in runs[1:]:
+        for name in run:
+            np.testing.assert_array_equal(run[name], runs[0][name], err_msg=name)
+    a = FUSED_ADAM
+    for nt in (1, 3):
+        params, m, v = fused_adam_state(np.random.default_rng(1), p, dtype)
+        grad_b_enc, grad_b_dec = np.empty(n, dtype), np.empty(d_in, dtype)
+        _core.backward_adam(grad_out, centered, values, indices, params["W_enc_t"],
+                            params["b_enc"], params["W_dec"], params["b_dec"],
+                            [m[name] for name in PARAMETERS], [v[name] for name in PARAMETERS],
+                            grad_b_enc, grad_b_dec, "relu", False, False, nt, a["lr"],
+                            a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["step"])
+        separate, m2, v2 = fused_adam_state(np.random.default_rng(1), p, dtype)
+        for name in PARAMETERS:
+            _core.adam_update(separate[name], runs[0][name], m2[name], v2[name], a["lr"],
+                              a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["step"],
+                              False, nt)
+            np.testing.assert_array_equal(params[name], separate[name], err_msg=name)
+            np.testing.assert_array_equal(v[name], v2[name], err_msg=f"exp_avg_sq {name}")
+        np.testing.assert_array_equal(grad_b_dec, runs[0]["b_dec"])
 
 
 def test_backward_adam_binding_errors(rng):

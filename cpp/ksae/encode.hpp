@@ -220,7 +220,7 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
     // The dense product, split by latent columns: each thread multiplies all rows by its own
     // slice of W_enc, so the large operand is read (and packed) once in all.
     Index c0, c1;
-    this_thread_range(n_latents, &c0, &c1, 16);
+    this_thread_range(n_latents, &c0, &c1, kLatentAlign);
     for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
       product.multiply(W_enc_t, j0, j1, pre + j0, n_latents, tid);
     });
@@ -417,7 +417,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     product.center_and_pack(X, b_dec, centered);
 #pragma omp barrier
     Index c0, c1;
-    this_thread_range(n_latents, &c0, &c1, 16);
+    this_thread_range(n_latents, &c0, &c1, kLatentAlign);
     T* buffer = tiles.get() + static_cast<size_t>(tid) * batch * tile_width;
     RowCandidates<T>* mine = rows.data() + static_cast<size_t>(tid) * batch;
     T* scratch = bounds.get() + static_cast<size_t>(tid) * tile_width;
