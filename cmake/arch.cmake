@@ -43,7 +43,7 @@ function(ksae_arch_flags target arch)
     if(${var})
       target_compile_options(${target} PRIVATE ${flag})
       # Every CPU with AVX-512 has PREFETCHW, which the flag levels leave out (common.hpp's
-      # prefetch_for_write).
+      # prefetch_row_for_write).
       if(arch STREQUAL "x86-64-v4")
         target_compile_options(${target} PRIVATE -mprfchw)
       endif()

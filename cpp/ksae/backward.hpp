@@ -244,7 +244,9 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         Row acc(grad_b_dec + c0, w);
         if (!accumulate) acc.setZero();
         for (Index r = 0; r < batch; ++r) acc.noalias() += ConstRow(grad_out + r * d_out + c0, w);
-        for (Index c = 0; c < n_chunks; ++c) acc.noalias() -= ConstRow(bias_partials.get() + c * d_in + c0, w);
+        for (Index c = 0; c < n_chunks; ++c) {
+          acc.noalias() -= ConstRow(bias_partials.get() + c * d_in + c0, w);
+        }
         if (adam) adam->coefficients.apply(adam->b_dec, grad_b_dec, adam->m[3], adam->v[3], c0, c1);
       }
     }
