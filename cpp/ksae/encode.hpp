@@ -46,8 +46,9 @@ inline Index tile_latents(Index batch) {
 
 // Calls f(j0, j1) for consecutive tiles covering [c0, c1): `tile` latents each, the last one
 // taking the rest when fewer than kTileStep would remain after a full tile (so no tile is
-// tiny: Eigen routes one-column and tiny products through other kernels, which round
-// differently). A tile therefore holds at most tile + kTileStep - 1 latents.
+// tiny: each tile streams the whole packed batch through the kernel, which a few latents
+// would not repay; no rounding depends on the tiles). A tile therefore holds at most
+// tile + kTileStep - 1 latents.
 template <class F>
 inline void for_each_tile(Index c0, Index c1, Index tile, F f) {
   for (Index j0 = c0; j0 < c1;) {
