@@ -5,8 +5,10 @@
 // MSE and Adam: the fused encode, decode_mse (decode, loss, the backward's decoder products)
 // and the backward with Adam fused in, over 8 different random batches in turn. With
 // --separate it runs the path before decode_mse instead: decode_sparse, the loss gradient in
-// a plain loop, and a backward that forms the decoder products itself. Prints the medians of
-// each phase and of the whole step after a fifth of the steps as warm-up.
+// a plain loop, and a backward that forms the decoder products itself. Like the model's
+// default (normalize_decoder=True), the backward projects the decoder gradient and Adam keeps
+// W_dec's rows at unit norm; --free-decoder turns both off. Prints the medians of each phase
+// and of the whole step after a fifth of the steps as warm-up.
 //
 // Build from the repository root with the package's instruction set (x86-64-v4 where the CPU
 // has AVX-512, else x86-64-v3; any Eigen 3.4 include directory will do, and cmeel-eigen, the
@@ -22,7 +24,7 @@
 // alternate the two binaries.
 //
 // The last line gives the round trip of a cache line between the first two threads, before
-// and after the steps. On the 2-vCPU VM of RESULTS.md it is either about 55 ns (the two
+// and after the steps (`step_kernels --round-trip` prints it alone, to label another run). On the 2-vCPU VM of RESULTS.md it is either about 55 ns (the two
 // vCPUs on cores that share an L3) or about 320 ns (on different CCDs), and the host moves
 // them between the two every few seconds; the (256, 784, 1000, 25) step took 3.6 and 7.2 ms
 // in the two before the backward kept each latent's rows on one core. Compare runs with
@@ -57,7 +59,9 @@ double median_ms(std::vector<double> samples) {
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr, "step_kernels: %s\nusage: step_kernels BATCH D_IN N_LATENTS K "
-               "[--steps N] [--threads T] [--separate]\n", why);
+               "[--steps N] [--threads T] [--separate] [--free-decoder]\n"
+               "       step_kernels --round-trip   (the round trip alone, to label other runs)\n",
+               why);
   std::exit(2);
 }
 
@@ -109,16 +113,22 @@ double round_trip_ns(int threads) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "--round-trip") == 0) {
+    std::printf("round trip between threads 0 and 1: %.0f ns\n", round_trip_ns(2));
+    return 0;
+  }
   if (argc < 5) usage("expected the shape");
   const Index batch = positive(argv[1], "BATCH"), d = positive(argv[2], "D_IN");
   const Index n = positive(argv[3], "N_LATENTS"), k = positive(argv[4], "K");
   if (k > n) usage("K: expected at most N_LATENTS");
   Index steps = 200;
   int threads = 0;
-  bool separate = false;
+  bool separate = false, normalize_decoder = true;
   for (int i = 5; i < argc; ++i) {
     if (std::strcmp(argv[i], "--separate") == 0) {
       separate = true;
+    } else if (std::strcmp(argv[i], "--free-decoder") == 0) {
+      normalize_decoder = false;
     } else if (std::strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
       steps = positive(argv[++i], "--steps");
     } else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
@@ -181,10 +191,10 @@ int main(int argc, char** argv) {
         W_enc_t.data(), b_enc.data(), W_dec.data(), b_dec.data(),
         {m[0].data(), m[1].data(), m[2].data(), m[3].data()},
         {v[0].data(), v[1].data(), v[2].data(), v[3].data()},
-        ksae::AdamCoefficients<float>(settings), false};
+        ksae::AdamCoefficients<float>(settings), normalize_decoder};
     ksae::backward_topk<float>(grad_out.data(), centered.data(), values.data(), indices.data(),
                                batch, k, W_enc_t.data(), W_dec.data(), n, d, d,
-                               ksae::Activation::relu, false, threads, nullptr,
+                               ksae::Activation::relu, normalize_decoder, threads, nullptr,
                                grad_b_enc.data(), nullptr, grad_b_dec.data(), false, nullptr,
                                nullptr, nullptr, &adam, separate ? nullptr : dots.data());
     const double t3 = now();
@@ -195,9 +205,9 @@ int main(int argc, char** argv) {
       t_step.push_back(t3 - t0);
     }
   }
-  std::printf("shape (%td, %td, %td, %td), %s, %td steps (medians of the last %zu), last loss "
-              "%.6f\n", batch, d, n, k, separate ? "separate decode and loss" : "decode_mse",
-              steps, t_step.size(), loss);
+  std::printf("shape (%td, %td, %td, %td), %s, %s, %td steps (medians of the last %zu), last "
+              "loss %.6f\n", batch, d, n, k, separate ? "separate decode and loss" : "decode_mse",
+              normalize_decoder ? "unit-norm decoder" : "free decoder", steps, t_step.size(), loss);
   std::printf("step %.3f ms | encode %.3f | %s %.3f | backward_adam %.3f\n", median_ms(t_step),
               median_ms(t_encode), separate ? "decode+loss" : "decode_mse", median_ms(t_decode),
               median_ms(t_backward));
