@@ -24,11 +24,11 @@
 // alternate the two binaries.
 //
 // The last line gives the round trip of a cache line between the first two threads, before
-// and after the steps (`step_kernels --round-trip` prints it alone, to label another run). On the 2-vCPU VM of RESULTS.md it is either about 55 ns (the two
-// vCPUs on cores that share an L3) or about 320 ns (on different CCDs), and the host moves
-// them between the two every few seconds; the (256, 784, 1000, 25) step took 3.6 and 7.2 ms
-// in the two before the backward kept each latent's rows on one core. Compare runs with
-// the same round trips.
+// and after the steps (`step_kernels --round-trip` prints it alone, to label another run).
+// On the 2-vCPU VM of RESULTS.md it is either about 55 ns (the two vCPUs on cores that share
+// an L3) or about 320 ns (on different CCDs), and the host moves them between the two every
+// few seconds; the (256, 784, 1000, 25) step took 3.6 and 7.2 ms in the two before the
+// backward kept each latent's rows on one core. Compare runs with the same round trips.
 #include "ksae/backward.hpp"
 #include "ksae/encode.hpp"
 
