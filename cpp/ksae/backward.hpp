@@ -36,6 +36,13 @@ struct LatentGroups {
   }
 };
 
+// Latents per block of backward_topk's passes: a block's gradient rows take about 128 KiB
+// (they stay in L2 until the block's updates read them), 4 to 32 rows.
+inline Index backward_block(Index width, Index scalar_bytes) {
+  const Index fit = (Index(128) << 10) / std::max<Index>(1, width * scalar_bytes);
+  return std::clamp<Index>(fit, 4, 32);
+}
+
 // The fused optimizer step of backward_topk: Adam (optim.hpp's formulation and constants)
 // on every parameter of the autoencoder, each latent's rows updated as soon as their
 // gradients are formed, so the weight gradients are never stored and read back. `m` and `v`
@@ -130,10 +137,18 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   std::unique_ptr<T[]> bias_partials(new T[static_cast<size_t>(n_chunks * d_in)]);
   LatentGroups groups;
   groups.build(indices, batch, k, n_latents);
-  // Per thread with `adam`: the latent's two gradient rows, and a zero row for latents that
-  // no row selected. Allocated here: no exception may leave the parallel region.
+  // Latents go through each pass in blocks of `block`: first every gradient row of the block,
+  // then their updates (see the passes below). Per thread: the block's gradient rows (with
+  // `adam`, or where a decoder row is formed apart from the one it adds to) and a zero row for
+  // the latents that no row selected. Allocated here: no exception may leave the parallel
+  // region.
   const Index width = std::max(d_in, d_out);
-  std::vector<T> adam_rows(adam ? static_cast<size_t>(nt) * 3 * width : 0, T(0));
+  const Index block = backward_block(width, Index(sizeof(T)));
+  const Index per_thread = (block + 1) * width;
+  const bool separate_decoder_row = accumulate && project_decoder_grad;
+  std::unique_ptr<T[]> block_rows(adam || separate_decoder_row ? new T[static_cast<size_t>(nt * per_thread)]
+                                                                : nullptr);
+  std::unique_ptr<T[]> block_gb(new T[static_cast<size_t>(nt * block)]);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -165,15 +180,14 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     }
     // implicit barrier: dpre is complete.
 
-    std::vector<T> decoder_row;  // per thread: this call's decoder row when accumulating
-    T* fused_rows = nullptr;
-    if (adam) {
-      int tid = 0;
+    int tid = 0;
 #ifdef KSAE_HAVE_OPENMP
-      tid = omp_get_thread_num();
+    tid = omp_get_thread_num();
 #endif
-      fused_rows = adam_rows.data() + static_cast<size_t>(tid) * 3 * width;
-    }
+    T* formed = block_rows ? block_rows.get() + static_cast<size_t>(tid) * per_thread : nullptr;
+    T* zero = formed ? formed + block * width : nullptr;  // the gradient of unselected latents
+    if (zero) std::fill(zero, zero + width, T(0));
+    T* gbs = block_gb.get() + static_cast<size_t>(tid) * block;
     // Each thread owns a fixed range of latents, the encode's (up to 16384 latents; at most
     // half a chunk off it above): the parameter and moment rows a thread updates are the rows
     // it multiplied, so they stay in its core's caches from step to step. Where two cores
@@ -182,77 +196,94 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     // boundaries, so each chunk's partial sum is formed by one thread.
     Index j_begin, j_end;
     this_thread_range(n_latents, &j_begin, &j_end, chunk);
-    const T* zero = adam ? fused_rows + 2 * width : nullptr;
-    // Two passes over the range, the decoder's rows and then the encoder's, each latent's
-    // gradient row formed and (with adam) applied at once. A single pass forming both rows
-    // of a latent together streamed grad_out's and centered's rows, and both sets of
-    // parameter and moment rows, through the caches at once. Measured in one process (C++
-    // harness, 2 threads, blocks of steps alternated), backward_adam went from 1.27-1.42 to
-    // 1.20-1.31 ms at (256, 784, 1000, 25) and from 21.3 to 20.4 ms at (1024, 768, 16384, 32).
-    for (Index j = j_begin; j < j_end; ++j) {
-      T* gd_row = adam ? fused_rows : grad_W_dec + j * d_out;
-      Row gd(gd_row, d_out);
-      // The next latent's decoder row was read by every thread's decode: ask for it to be
-      // written while this latent's gradient is formed. Where the cores share no cache this
-      // cut the (256, 784, 1000, 25) backward from 2.97 to 2.54 ms.
-      if (adam && j + 1 < j_end) prefetch_row_for_write(adam->W_dec + (j + 1) * d_out, d_out);
-      const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
-      if (begin == end) {
-        if (adam) {
-          adam->update_decoder(j, zero, d_out);
-        } else if (!accumulate) {
-          gd.setZero();
+    // Two passes over the range, the decoder's rows and then the encoder's (forming both rows
+    // of a latent together streamed grad_out's and centered's rows, and both sets of parameter
+    // and moment rows, through the caches at once). Each pass takes `block` latents at a time:
+    // it forms their gradient rows, reading the rows of grad_out (or centered) they select,
+    // and then updates their parameters. Applying each latent's update at once streamed its
+    // parameter and moment rows through L2 between two reads of the same grad_out row, which
+    // then came from L3 again. Each latent's arithmetic is the same either way (bitwise the
+    // same results). Measured in one process (C++ harness, 2 threads, the two versions
+    // alternated every 40 steps): backward_adam 1.22 -> 1.10 and 1.27 -> 1.11 ms at
+    // (256, 784, 1000, 25) where the cores share an L3, 2.70 -> 2.54 ms where they do not;
+    // 23.9 -> 23.1 ms at (1024, 768, 16384, 32).
+    for (Index jb = j_begin; jb < j_end; jb += block) {
+      const Index je = std::min(j_end, jb + block);
+      for (Index j = jb; j < je; ++j) {
+        // Every thread's decode read this latent's decoder row: ask for it to be written
+        // while the block's gradients are formed. Where the cores share no cache this cut the
+        // (256, 784, 1000, 25) backward from 2.97 to 2.54 ms.
+        if (adam) prefetch_row_for_write(adam->W_dec + j * d_out, d_out);
+        const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
+        if (begin == end) continue;
+        const Index* entries = groups.entries.data() + begin;
+        const Index* rows = groups.rows.data() + begin;
+        // With accumulate and no projection, the row starts from (and so adds to) what it
+        // holds. With projection, this call's decoder row is formed and projected on its own
+        // first, so a buffer's earlier content is added to, never projected again.
+        const bool apart = adam || separate_decoder_row;
+        T* out = apart ? formed + (j - jb) * width : grad_W_dec + j * d_out;
+        weighted_row_sum(out, d_out, end - begin, [&](Index e) {
+          return std::make_pair(values[entries[e]], grad_out + rows[e] * d_out);
+        }, accumulate && !apart ? out : nullptr);
+      }
+      for (Index j = jb; j < je; ++j) {
+        Row gd(grad_W_dec ? grad_W_dec + j * d_out : nullptr, grad_W_dec ? d_out : 0);
+        if (groups.offsets[j] == groups.offsets[j + 1]) {
+          if (adam) {
+            adam->update_decoder(j, zero, d_out);
+          } else if (!accumulate) {
+            gd.setZero();
+          }
+          continue;
         }
-        continue;
+        T* row = adam || separate_decoder_row ? formed + (j - jb) * width : gd.data();
+        if (project_decoder_grad) {
+          Row part(row, d_out);
+          ConstRow w(W_dec + j * d_out, d_out);
+          const T ww = w.squaredNorm();
+          if (ww > T(0)) part.noalias() -= (part.dot(w) / ww) * w;
+          if (separate_decoder_row) gd.noalias() += part;
+        }
+        if (adam) adam->update_decoder(j, row, d_out);
       }
-      const Index* entries = groups.entries.data() + begin;
-      const Index* rows = groups.rows.data() + begin;
-      // With accumulate and no projection, the row starts from (and so adds to) what it
-      // holds. With projection, this call's decoder row is formed and projected on its own
-      // first, so a buffer's earlier content is added to, never projected again.
-      const bool separate_decoder_row = accumulate && project_decoder_grad;
-      if (separate_decoder_row) decoder_row.resize(static_cast<size_t>(d_out));
-      T* gd_out = separate_decoder_row ? decoder_row.data() : gd.data();
-      weighted_row_sum(gd_out, d_out, end - begin, [&](Index e) {
-        return std::make_pair(values[entries[e]], grad_out + rows[e] * d_out);
-      }, accumulate && !separate_decoder_row ? gd.data() : nullptr);
-      if (project_decoder_grad) {
-        Row part(gd_out, d_out);
-        ConstRow w(W_dec + j * d_out, d_out);
-        const T ww = w.squaredNorm();
-        if (ww > T(0)) part.noalias() -= (part.dot(w) / ww) * w;
-        if (separate_decoder_row) gd.noalias() += part;
-      }
-      if (adam) adam->update_decoder(j, gd_row, d_out);
     }
-    for (Index j = j_begin; j < j_end; ++j) {
-      T* ge_row = adam ? fused_rows + width : grad_W_enc_t + j * d_in;
-      Row ge(ge_row, d_in);
-      T* partial = grad_b_dec ? bias_partials.get() + (j / chunk) * d_in : nullptr;
-      if (partial && j % chunk == 0) std::fill(partial, partial + d_in, T(0));
-      const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
-      if (begin == end) {
-        if (!accumulate) grad_b_enc[j] = T(0);
-        if (adam) {
-          adam->update_encoder(j, zero, grad_b_enc, d_in);
-        } else if (!accumulate) {
-          ge.setZero();
+    for (Index jb = j_begin; jb < j_end; jb += block) {
+      const Index je = std::min(j_end, jb + block);
+      for (Index j = jb; j < je; ++j) {
+        const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
+        if (begin == end) {
+          if (!accumulate) grad_b_enc[j] = T(0);
+          continue;
         }
-        continue;
+        const Index* entries = groups.entries.data() + begin;
+        const Index* rows = groups.rows.data() + begin;
+        const Index count = end - begin;
+        T gb = T(0);
+        for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
+        gbs[j - jb] = gb;
+        grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
+        T* out = adam ? formed + (j - jb) * width : grad_W_enc_t + j * d_in;
+        weighted_row_sum(out, d_in, count, [&](Index e) {
+          return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
+        }, accumulate ? out : nullptr);
       }
-      const Index* entries = groups.entries.data() + begin;
-      const Index* rows = groups.rows.data() + begin;
-      const Index count = end - begin;
-      T gb = T(0);
-      for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
-      grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
-      // grad_b_dec's term of this latent, read from W_enc_t's row before its update.
-      if (partial) Row(partial, d_in).noalias() += gb * ConstRow(W_enc_t + j * d_in, d_in);
-      weighted_row_sum(ge.data(), d_in, count, [&](Index e) {
-        return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
-      }, accumulate ? ge.data() : nullptr);
-      // The row's gradient is complete: update the latent's encoder parameters.
-      if (adam) adam->update_encoder(j, ge_row, grad_b_enc, d_in);
+      for (Index j = jb; j < je; ++j) {
+        T* partial = grad_b_dec ? bias_partials.get() + (j / chunk) * d_in : nullptr;
+        if (partial && j % chunk == 0) std::fill(partial, partial + d_in, T(0));
+        if (groups.offsets[j] == groups.offsets[j + 1]) {
+          if (adam) {
+            adam->update_encoder(j, zero, grad_b_enc, d_in);
+          } else if (!accumulate) {
+            Row(grad_W_enc_t + j * d_in, d_in).setZero();
+          }
+          continue;
+        }
+        // grad_b_dec's term of this latent, read from W_enc_t's row before its update.
+        if (partial) Row(partial, d_in).noalias() += gbs[j - jb] * ConstRow(W_enc_t + j * d_in, d_in);
+        // The row's gradient is complete: update the latent's encoder parameters.
+        if (adam) adam->update_encoder(j, formed + (j - jb) * width, grad_b_enc, d_in);
+      }
     }
 
     // grad_b_dec (d_out == d_in), split by feature columns so each thread owns its outputs:
