@@ -684,7 +684,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
       py::arg("decoder_dots") = py::none(),
       "backward with the step's Adam update fused in: each latent's rows of W_enc (transposed)\n"
-      "and W_dec are updated as soon as their gradients are formed, and never stored; b_enc and\n"
+      "and W_dec are updated as soon as their block of up to 32 latents' gradient rows is\n"
+      "formed, and the whole weight gradients are never stored; b_enc and\n"
       "b_dec too (their gradients are written to grad_b_enc and grad_b_dec). Every parameter\n"
       "and moment ends bitwise as backward followed by adam_update on each would leave it.\n"
       "exp_avg and exp_avg_sq hold the moments of W_enc_t, b_enc, W_dec, b_dec in that order.");

@@ -44,9 +44,10 @@ inline Index backward_block(Index width, Index scalar_bytes) {
 }
 
 // The fused optimizer step of backward_topk: Adam (optim.hpp's formulation and constants)
-// on every parameter of the autoencoder, each latent's rows updated as soon as their
-// gradients are formed, so the weight gradients are never stored and read back. `m` and `v`
-// are the moments of W_enc_t, b_enc, W_dec and b_dec, in that order.
+// on every parameter of the autoencoder, each latent's rows updated as soon as the gradient
+// rows of its block of latents are formed (backward_block), so the whole weight gradients
+// are never stored and read back. `m` and `v` are the moments of W_enc_t, b_enc, W_dec and
+// b_dec, in that order.
 template <class T>
 struct FusedAdam {
   T* W_enc_t;
@@ -207,6 +208,11 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     // alternated every 40 steps): backward_adam 1.22 -> 1.10 and 1.27 -> 1.11 ms at
     // (256, 784, 1000, 25) where the cores share an L3, 2.70 -> 2.54 ms where they do not;
     // 23.9 -> 23.1 ms at (1024, 768, 16384, 32).
+    // A decoder row is formed apart from grad_W_dec with `adam` (in the block's rows), and
+    // when accumulating with projection: this call's row is then formed and projected on its
+    // own, so a buffer's earlier content is added to, never projected again. With accumulate
+    // and no projection, the row starts from (and so adds to) what grad_W_dec holds.
+    const bool apart = adam || separate_decoder_row;
     for (Index jb = j_begin; jb < j_end; jb += block) {
       const Index je = std::min(j_end, jb + block);
       for (Index j = jb; j < je; ++j) {
@@ -218,10 +224,6 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         if (begin == end) continue;
         const Index* entries = groups.entries.data() + begin;
         const Index* rows = groups.rows.data() + begin;
-        // With accumulate and no projection, the row starts from (and so adds to) what it
-        // holds. With projection, this call's decoder row is formed and projected on its own
-        // first, so a buffer's earlier content is added to, never projected again.
-        const bool apart = adam || separate_decoder_row;
         T* out = apart ? formed + (j - jb) * width : grad_W_dec + j * d_out;
         weighted_row_sum(out, d_out, end - begin, [&](Index e) {
           return std::make_pair(values[entries[e]], grad_out + rows[e] * d_out);
@@ -237,7 +239,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
           }
           continue;
         }
-        T* row = adam || separate_decoder_row ? formed + (j - jb) * width : gd.data();
+        T* row = apart ? formed + (j - jb) * width : gd.data();
         if (project_decoder_grad) {
           Row part(row, d_out);
           ConstRow w(W_dec + j * d_out, d_out);

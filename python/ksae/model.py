@@ -513,8 +513,9 @@ class SparseAutoencoder:
                        selected_pre: np.ndarray | None, grad_values: np.ndarray | None,
                        dots: np.ndarray | None = None) -> None:
         """Backward and the Adam update in one kernel: each latent's rows are updated as soon
-        as their gradients are formed, bitwise as backward then Optimizer.step would leave
-        them (the weight gradients are never stored). See _fuses_adam for when it applies."""
+        as the gradient rows of its block of latents are formed, bitwise as backward then
+        Optimizer.step would leave them (the whole weight gradients are never stored). See
+        _fuses_adam for when it applies."""
         p, g, opt = self._params, self._grads, self._optimizer
         opt.n_steps += 1
         exp_avg, exp_avg_sq = opt.moments(p)
