@@ -59,7 +59,7 @@ struct FusedAdam {
   AdamCoefficients<T> coefficients;
   bool unit_norm_decoder;  // W_dec's rows are rescaled to unit norm after their update
 
-  // Latent j's decoder update from its gradient row gd (d_out values), then its encoder
+  // Latent j's decoder update from its gradient row gd (d_out values), and its encoder
   // update from ge (d_in values) and grad_b_enc[j]: element for element what adam_update
   // does to those rows.
   void update_decoder(Index j, const T* gd, Index d_out) const {
@@ -208,6 +208,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     // alternated every 40 steps): backward_adam 1.22 -> 1.10 and 1.27 -> 1.11 ms at
     // (256, 784, 1000, 25) where the cores share an L3, 2.70 -> 2.54 ms where they do not;
     // 23.9 -> 23.1 ms at (1024, 768, 16384, 32).
+    //
     // A decoder row is formed apart from grad_W_dec with `adam` (in the block's rows), and
     // when accumulating with projection: this call's row is then formed and projected on its
     // own, so a buffer's earlier content is added to, never projected again. With accumulate
@@ -230,6 +231,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         }, accumulate && !apart ? out : nullptr);
       }
       for (Index j = jb; j < je; ++j) {
+        // grad_W_dec's row (empty where grad_W_dec is null, as it may be with adam).
         Row gd(grad_W_dec ? grad_W_dec + j * d_out : nullptr, grad_W_dec ? d_out : 0);
         if (groups.offsets[j] == groups.offsets[j + 1]) {
           if (adam) {
