@@ -242,16 +242,22 @@ def test_encode_same_for_one_and_two_threads_single_row_or_single_block(rng, dty
         np.testing.assert_array_equal(i1[clear], i2[clear])
 
 
-def test_encode_default_buffers_match_given_buffers(rng):
-    X, p = encode_inputs(rng, 8, 13, 50, np.float64)
-    args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], 5, "relu", 1)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_encode_default_buffers_match_given_buffers(rng, n_threads, dtype):
+    # The code does not depend on which buffers the caller gives: fused (no pre) or
+    # materialised, with centered given or allocated by the binding.
+    X, p = encode_inputs(rng, 19, 13, 50, dtype)
+    args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], 5, "relu", n_threads)
     v1, i1 = _core.encode(*args)
-    centered, pre = np.empty((8, 13)), np.empty((8, 50))
-    v2, i2 = _core.encode(*args, centered, pre)
-    np.testing.assert_array_equal(v1, v2)
-    np.testing.assert_array_equal(i1, i2)
-    # pre is scratch holding the product without b_enc.
-    np.testing.assert_allclose(pre + p["b_enc"], reference_pre(X, p), rtol=0, atol=1e-12)
+    centered, pre = np.full((19, 13), np.nan, dtype), np.empty((19, 50), dtype)
+    for buffers in ((centered,), (None, pre), (centered, pre)):
+        v2, i2 = _core.encode(*args, *buffers)
+        np.testing.assert_array_equal(v1, v2)
+        np.testing.assert_array_equal(i1, i2)
+    # centered receives X - b_dec, rounded as NumPy rounds it; pre the product without b_enc.
+    np.testing.assert_array_equal(centered, X - p["b_dec"])
+    np.testing.assert_allclose(pre + p["b_enc"], reference_pre(X, p), rtol=0, atol=tol(dtype))
 
 
 # ------------------------------------------------------------- fused against materialised
