@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ksae/backward.hpp"
+#include "ksae/diagnostics.hpp"
 #include "ksae/encode.hpp"
 #include "ksae/optim.hpp"
 
@@ -554,6 +555,21 @@ PYBIND11_MODULE(_core, m) {
   m.def("has_openmp", &ksae::has_openmp, "Whether the core was built with OpenMP.");
   m.def("max_threads", [] { return ksae::resolve_threads(0); },
         "Threads a kernel uses when n_threads <= 0.");
+  m.def(
+      "thread_round_trip_ns",
+      [](int trips, int repeats) {
+        if (trips < 1) {
+          throw py::value_error("trips: expected a positive count, got " + std::to_string(trips));
+        }
+        if (repeats < 1) {
+          throw py::value_error("repeats: expected a positive count, got " + std::to_string(repeats));
+        }
+        py::gil_scoped_release release;
+        return ksae::thread_round_trip_ns(trips, repeats);
+      },
+      py::arg("trips") = 1000, py::arg("repeats") = 5,
+      "Median nanoseconds for a cache line to go between the kernels' first two threads and\n"
+      "back (0.0 without OpenMP or a second processor).");
   m.def("build_info", [] {
     py::dict info;
     info["openmp"] = ksae::has_openmp();

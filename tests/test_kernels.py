@@ -1132,6 +1132,34 @@ def test_build_info_reports_openmp_and_threads():
     assert _core.max_threads() == info["max_threads"]
 
 
+def test_thread_round_trip_is_a_positive_latency_where_two_threads_can_run():
+    import os
+    import subprocess
+    import sys
+
+    import ksae
+
+    two_cpus = len(os.sched_getaffinity(0)) >= 2 if hasattr(os, "sched_getaffinity") else True
+    trip = ksae.thread_round_trip_ns(trips=200, repeats=3)
+    assert isinstance(trip, float)
+    if ksae.has_openmp() and two_cpus:
+        # A store seen by another core and answered: more than a nanosecond, and far less
+        # than a millisecond on any machine that runs two threads at once.
+        assert 1.0 < trip < 1e6
+    else:
+        assert trip == 0.0
+    # With one processor, or a runtime that starts one thread, it returns at once, 0.0 (a
+    # lone spinning thread would wait for ever).
+    code = "import ksae; print(ksae.thread_round_trip_ns())"
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert float(out.stdout) == 0.0
+    for name, value in (("trips", 0), ("repeats", -1)):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a positive count, got {value}"):
+            ksae.thread_round_trip_ns(**{name: value})
+
+
 def test_kernels_leave_the_callers_subnormal_mode_alone(rng):
     # The kernels flush subnormals to zero inside their own threads only; afterwards NumPy
     # on the calling thread must still produce subnormals.
