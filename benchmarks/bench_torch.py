@@ -18,6 +18,12 @@ NumPy's BLAS where installed, ``torch.set_num_threads(n)`` and
 implementations (in a rotating order) so that a noisy spell hits all of them; every figure
 is the median of all timed calls, after warm-up calls, over --repeats rounds.
 
+Each timed child also measures the cache-line round trip between two threads just before and
+just after its timed calls (``ksae.thread_round_trip_ns``), and a second table gives ksae's
+step and the floor by the placement their children saw: near (both under 150 ns: cores that
+share an L3), far (both above: on this project's VM, different CCDs) or mixed. Where a
+hypervisor moves virtual CPUs between the two, the main table's medians mix them.
+
 PyTorch is optional: without it the script says so and times ksae and NumPy. The dense
 NumPy model needs several batch x n_latents arrays; it is left out above
 --numpy-max-elements (batch * n_latents), as at (4096, 2048, 65536, 64).
@@ -98,9 +104,25 @@ def check_agreement(shape, impls: list[str], threads: int,
     return result
 
 
+NEAR_NS = 150.0
+"""A child is labelled "near" when the round trip before and after its timed calls were both
+below this, "far" when both were above it, "mixed" otherwise: on this project's 2-vCPU VM the
+two are about 50 ns (cores sharing an L3) and about 320 ns (different CCDs)."""
+
+
+def placement(trips: list[float]) -> str:
+    if all(0 < t < NEAR_NS for t in trips):
+        return "near"
+    if all(t >= NEAR_NS for t in trips):
+        return "far"
+    return "mixed" if all(t > 0 for t in trips) else "unknown"
+
+
 def bench_shape(shape, impls: list[str], losses: dict[str, float], args) -> dict[str, Any]:
     """Time every implementation at ``shape`` in interleaved rounds of fresh child processes."""
     samples: dict[str, list[float]] = {impl: [] for impl in impls}
+    by_placement: dict[str, dict[str, list[float]]] = {impl: {} for impl in impls}
+    trips: dict[str, list[list[float]]] = {impl: [] for impl in impls}
     peaks: dict[str, float] = {impl: 0.0 for impl in impls}
     imports: dict[str, float] = {}
     threads: dict[str, str] = {}
@@ -114,12 +136,35 @@ def bench_shape(shape, impls: list[str], losses: dict[str, float], args) -> dict
                 assert abs(child["loss"] - losses[impl]) <= LOSS_TOLERANCE * abs(losses[impl]), \
                     (impl, child["loss"], losses[impl])
             samples[impl] += child["times"]
+            trips[impl].append(child["round_trip_ns"])
+            by_placement[impl].setdefault(placement(child["round_trip_ns"]), []).extend(child["times"])
             peaks[impl] = max(peaks[impl], child["peak_mib"])
             imports[impl] = child["imports_mib"]
             threads[impl] = child["threads"]
     return {"median_s": {impl: median(ts) for impl, ts in samples.items()},
             "calls": {impl: len(ts) for impl, ts in samples.items()},
-            "peak_mib": peaks, "imports_mib": imports, "threads": threads}
+            "peak_mib": peaks, "imports_mib": imports, "threads": threads,
+            "round_trip_ns": trips,
+            "median_s_by_placement": {impl: {place: median(ts) for place, ts in groups.items()}
+                                      for impl, groups in by_placement.items()},
+            "children_by_placement": {impl: {place: sum(placement(t) == place for t in trips[impl])
+                                             for place in groups}
+                                      for impl, groups in by_placement.items()}}
+
+
+def placement_rows(spec: str, r: dict[str, Any]) -> list[str]:
+    """ksae's step and the floor by the placement their children saw (see NEAR_NS)."""
+    t, n = r["median_s_by_placement"], r["children_by_placement"]
+    rows = []
+    for place in ("near", "far", "mixed", "unknown"):
+        if place not in t["ksae"]:
+            continue
+        floor = t["floor"].get(place)
+        ratio = f"{t['ksae'][place] / floor:.2f}x" if floor else "n/a"
+        floor_ms = f"{floor * 1e3:.2f} ms ({n['floor'][place]})" if floor else "none"
+        rows.append(f"| {spec.replace(',', ', ')} | {place} | {t['ksae'][place] * 1e3:.2f} ms "
+                    f"({n['ksae'][place]}) | {floor_ms} | {ratio} |")
+    return rows
 
 
 def table_row(spec: str, r: dict[str, Any]) -> str:
@@ -163,6 +208,14 @@ def main(argv=None) -> None:
         results[spec] = {**r, "check": checks[shape]["rows"]}
         thread_settings.update(r["threads"])
         print(table_row(spec, r), flush=True)
+    print(f"\nksae's step and the floor by placement: the cache-line round trip between two threads "
+          f"just before and after each child's timed calls, near (both < {NEAR_NS:.0f} ns), far "
+          f"(both above) or mixed; medians of those children's calls (children in brackets)")
+    print("\n| batch, d_in, n_latents, k | placement | ksae step | floor | ksae / floor |")
+    print("|---|---|---|---|---|")
+    for spec, r in results.items():
+        for row in placement_rows(spec, r):
+            print(row)
     print("\nthreads in effect: " + "; ".join(f"{impl}: {s}" for impl, s in thread_settings.items()))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

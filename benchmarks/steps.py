@@ -129,9 +129,12 @@ def thread_settings(impl: str, threads: int) -> str:
 def time_one(impl: str, shape, threads: int, seconds: float, warmup: float) -> dict[str, Any]:
     """Time ``impl`` at ``shape`` in this process: its initial loss, the timed calls, the
     peak resident memory, the resident memory after the imports (PyTorch alone takes
-    hundreds of MiB) and the thread settings."""
+    hundreds of MiB), the thread settings, and the cache-line round trip between two threads
+    just before and just after the timed calls (``ksae.thread_round_trip_ns``: where a
+    hypervisor moves virtual CPUs between cores that share an L3 and cores that do not, it
+    says which the timings saw)."""
     settings = thread_settings(impl, threads)
-    import ksae  # noqa: F401  (every child loads it for the initial weights)
+    import ksae  # (every child loads it for the initial weights)
 
     imports_mib = current_rss_mib()  # interpreter and libraries, before any array exists
     X, sae = make_problem(shape, threads)
@@ -142,10 +145,13 @@ def time_one(impl: str, shape, threads: int, seconds: float, warmup: float) -> d
     step = build(impl, X, sae, weights, shape[3])
     del weights
     loss = step.loss() if step.loss else None
-    times = time_calls(step.run, seconds=seconds, warmup=warmup)
+    time_calls(step.run, seconds=0.0, warmup=warmup)  # the warm-up; its one timed call dropped
+    trip_before = ksae.thread_round_trip_ns()
+    times = time_calls(step.run, seconds=seconds, warmup=0.0)
+    trip_after = ksae.thread_round_trip_ns()
     return {"impl": impl, "shape": list(shape), "threads": settings, "loss": loss,
             "optimizer": step.optimizer, "times": times, "peak_mib": peak_rss_mib(),
-            "imports_mib": imports_mib}
+            "imports_mib": imports_mib, "round_trip_ns": [trip_before, trip_after]}
 
 
 def relative(a: float, b: float) -> float:
