@@ -30,10 +30,10 @@
 // few seconds; the (256, 784, 1000, 25) step took 3.6 and 7.2 ms in the two before the
 // backward kept each latent's rows on one core. Compare runs with the same round trips.
 #include "ksae/backward.hpp"
+#include "ksae/diagnostics.hpp"
 #include "ksae/encode.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -75,39 +75,9 @@ Index positive(const char* text, const char* name) {
 }
 
 // Median round trip, in ns, of a cache line passed back and forth between threads 0 and 1
-// (0 with fewer than two threads): about the latency of a store that must first invalidate
-// the other core's copy.
+// (0 with fewer than two threads): ksae.thread_round_trip_ns, as the package measures it.
 double round_trip_ns(int threads) {
-#ifdef KSAE_HAVE_OPENMP
-  if (threads < 2) return 0.0;
-  alignas(64) static std::atomic<int> ball;
-  std::vector<double> trips;
-  for (int repeat = 0; repeat < 5; ++repeat) {
-    constexpr int kTrips = 2000;
-    ball.store(0);
-    double start = 0.0, stop = 0.0;
-#pragma omp parallel num_threads(2)
-    {
-      const bool first = omp_get_thread_num() == 0;
-      if (first) start = now();
-      for (int i = 0; i < kTrips; ++i) {
-        if (first) {
-          ball.store(2 * i + 1, std::memory_order_release);
-          while (ball.load(std::memory_order_acquire) != 2 * i + 2) {}
-        } else {
-          while (ball.load(std::memory_order_acquire) != 2 * i + 1) {}
-          ball.store(2 * i + 2, std::memory_order_release);
-        }
-      }
-      if (first) stop = now();
-    }
-    trips.push_back((stop - start) / kTrips);
-  }
-  return median_ms(trips) * 1e6;
-#else
-  (void)threads;
-  return 0.0;
-#endif
+  return threads >= 2 ? ksae::thread_round_trip_ns(2000, 5) : 0.0;
 }
 
 }  // namespace
