@@ -569,7 +569,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("trips") = 1000, py::arg("repeats") = 5,
       "Median nanoseconds for a cache line to go between the kernels' first two threads and\n"
-      "back (0.0 without OpenMP or a second processor).");
+      "back (0.0 without OpenMP, a second processor or a second OpenMP thread).");
   m.def("build_info", [] {
     py::dict info;
     info["openmp"] = ksae::has_openmp();

@@ -47,7 +47,8 @@ def thread_round_trip_ns(trips: int = 1000, repeats: int = 5) -> float:
     writes and another reads, so on this project's 2-vCPU Zen 4 VM the (256, 784, 1000, 25)
     step took about 4 ms at 50 ns and about 6.5 ms at 320 ns (benchmarks/RESULTS.md). A
     hypervisor may move virtual CPUs at any time, so the figure holds for the moment it was
-    taken. Returns 0.0 where the core has no OpenMP or the process has one processor.
+    taken. Returns 0.0 where the core has no OpenMP, the process has one processor, or the
+    OpenMP runtime starts only one thread (``OMP_THREAD_LIMIT=1``).
     """
     return float(_core.thread_round_trip_ns(trips, repeats))
 
