@@ -2,10 +2,10 @@
 // each kernel finds the caches as the others left them.
 //
 // Runs what SparseAutoencoder.partial_fit runs for a plain TopK (relu) model with linear-output
-// MSE and Adam: the fused encode, decode_mse (decode, loss, the backward's decoder products)
-// and the backward with Adam fused in, over 8 different random batches in turn. With
-// --separate it runs the path before decode_mse instead: decode_sparse, the loss gradient in
-// a plain loop, and a backward that forms the decoder products itself. Like the model's
+// MSE and Adam: the fused encode, decode_mse (decode by latent group on several threads, and
+// the loss) and the backward with Adam fused in, over 8 different random batches in turn.
+// With --separate it runs decode_sparse (decode by rows) and the loss gradient in a plain
+// loop in place of decode_mse. Like the model's
 // default (normalize_decoder=True), the backward projects the decoder gradient and Adam keeps
 // W_dec's rows at unit norm; --free-decoder turns both off. Prints the medians of each phase
 // and of the whole step after a fifth of the steps as warm-up.
@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     v[i].assign(sizes[i], 0.0f);
   }
   Buffer centered(static_cast<size_t>(batch * d)), grad_out(static_cast<size_t>(batch * d));
-  Buffer values(static_cast<size_t>(batch * k)), dots(static_cast<size_t>(batch * k));
+  Buffer values(static_cast<size_t>(batch * k));
   Buffer grad_b_enc(static_cast<size_t>(n)), grad_b_dec(static_cast<size_t>(d));
   std::vector<ksae::LatentIndex> indices(static_cast<size_t>(batch * k));
 
@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
     const double t1 = now();
     if (separate) {
       ksae::decode_sparse<float>(values.data(), indices.data(), batch, k, W_dec.data(),
-                                 b_dec.data(), d, threads, grad_out.data());
+                                 b_dec.data(), d, n, threads, grad_out.data());
       const float scale = float(2.0 / (double(batch) * double(d)));
       double sum = 0.0;
       for (Index i = 0; i < batch * d; ++i) {
@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
       loss = sum / (double(batch) * double(d));
     } else {
       loss = ksae::decode_mse<float>(values.data(), indices.data(), batch, k, W_dec.data(),
-                                     b_dec.data(), X, d, threads, grad_out.data(), dots.data());
+                                     b_dec.data(), X, d, n, threads, grad_out.data());
     }
     const double t2 = now();
     const ksae::AdamSettings settings{1e-3, 0.9, 0.999, 1e-8, 0.0, static_cast<long long>(s + 1)};
@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
                                batch, k, W_enc_t.data(), W_dec.data(), n, d, d,
                                ksae::Activation::relu, normalize_decoder, threads, nullptr,
                                grad_b_enc.data(), nullptr, grad_b_dec.data(), false, nullptr,
-                               nullptr, nullptr, &adam, separate ? nullptr : dots.data());
+                               nullptr, nullptr, &adam);
     const double t3 = now();
     if (s >= steps / 5) {
       t_encode.push_back(t1 - t0);

@@ -214,7 +214,8 @@ py::array decode_impl(const py::object& values, const py::object& indices,
   T* o = out_arr.mutable_data();
   {
     py::gil_scoped_release release;
-    ksae::decode_sparse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, a.d, n_threads, o);
+    ksae::decode_sparse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, a.d, a.n,
+                           n_threads, o);
   }
   return out_arr;
 }
@@ -222,13 +223,11 @@ py::array decode_impl(const py::object& values, const py::object& indices,
 template <class T>
 py::tuple decode_mse_impl(const py::object& values, const py::object& indices,
                           const py::object& W_dec, const py::object& b_dec, const py::object& X,
-                          int n_threads, const py::object& grad_out, const py::object& dots) {
+                          int n_threads, const py::object& grad_out) {
   const DecodeArgs<T> a(values, indices, W_dec, b_dec);
   const T* x = checked<T>(X, "X", {a.batch, a.d});
   py::array_t<T> g = output_array<T>(grad_out, "grad_out", a.batch, a.d);
-  py::array_t<T> dd = output_array<T>(dots, "dots", a.batch, a.k);
   T* gp = g.mutable_data();
-  T* dp = dd.mutable_data();
   // Both are C-contiguous batch x d: they overlap when they start less than batch*d apart.
   const auto gap = reinterpret_cast<std::uintptr_t>(gp) > reinterpret_cast<std::uintptr_t>(x)
                        ? reinterpret_cast<std::uintptr_t>(gp) - reinterpret_cast<std::uintptr_t>(x)
@@ -239,10 +238,10 @@ py::tuple decode_mse_impl(const py::object& values, const py::object& indices,
   double loss;
   {
     py::gil_scoped_release release;
-    loss = ksae::decode_mse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, x, a.d,
-                               n_threads, gp, dp);
+    loss = ksae::decode_mse<T>(a.values, a.indices, a.batch, a.k, a.W_dec, a.b_dec, x, a.d, a.n,
+                               n_threads, gp);
   }
-  return py::make_tuple(loss, g, dd);
+  return py::make_tuple(loss, g);
 }
 
 // backward's arguments as checked pointers: shapes, dtypes, and the optional code buffers.
@@ -259,12 +258,11 @@ struct BackwardArgs {
   const T* selected_pre;
   const T* grad_values;
   T* grad_values_out;
-  const T* decoder_dots;
 
   BackwardArgs(const py::object& go, const py::object& c, const py::object& v,
                const py::object& ix, const py::object& we, const py::object& wd,
                const std::string& activation, const py::object& sp, const py::object& gv,
-               const py::object& gvo, const py::object& dots) {
+               const py::object& gvo) {
     check_2d(we, "W_enc_t");
     check_2d(wd, "W_dec");
     check_2d(v, "values");
@@ -284,7 +282,6 @@ struct BackwardArgs {
     }
     grad_values = optional_buffer<T>(gv, "grad_values", batch, k, false);
     grad_values_out = optional_buffer<T>(gvo, "grad_values_out", batch, k, true);
-    decoder_dots = optional_buffer<T>(dots, "decoder_dots", batch, k, false);
     check_indices(indices, batch * k, k, n);
   }
 
@@ -306,9 +303,9 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
                    const py::object& grad_W_enc_t, const py::object& grad_b_enc,
                    const py::object& grad_W_dec, const py::object& grad_b_dec, bool accumulate,
                    const py::object& selected_pre, const py::object& grad_values,
-                   const py::object& grad_values_out, const py::object& decoder_dots) {
+                   const py::object& grad_values_out) {
   const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                          selected_pre, grad_values, grad_values_out, decoder_dots);
+                          selected_pre, grad_values, grad_values_out);
   T* gwe = checked<T>(grad_W_enc_t, "grad_W_enc_t", {a.n, a.d_in}, true);
   T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {a.n}, true);
   T* gwd = checked<T>(grad_W_dec, "grad_W_dec", {a.n, a.d_out}, true);
@@ -321,7 +318,7 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
   ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
                          a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
                          gwe, gbe, gwd, gbd, accumulate, a.selected_pre, a.grad_values,
-                         a.grad_values_out, nullptr, a.decoder_dots);
+                         a.grad_values_out, nullptr);
 }
 
 // The four parameters' Adam moments, in the order W_enc_t, b_enc, W_dec, b_dec.
@@ -337,9 +334,9 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
                         const std::string& activation, bool project_decoder_grad,
                         bool unit_norm_decoder, int n_threads, const ksae::AdamSettings& s,
                         const py::object& selected_pre, const py::object& grad_values,
-                        const py::object& grad_values_out, const py::object& decoder_dots) {
+                        const py::object& grad_values_out) {
   const BackwardArgs<T> a(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
-                          selected_pre, grad_values, grad_values_out, decoder_dots);
+                          selected_pre, grad_values, grad_values_out);
   a.require_square("backward_adam", "; use backward for a classifier head");
   const std::vector<Index> shapes[4] = {{a.n, a.d_in}, {a.n}, {a.n, a.d_out}, {a.d_in}};
   T* params[4] = {checked<T>(W_enc_t, "W_enc_t", shapes[0], true),
@@ -364,7 +361,7 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
   ksae::backward_topk<T>(a.grad_out, a.centered, a.values, a.indices, a.batch, a.k, a.W_enc_t,
                          a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
                          nullptr, gbe, nullptr, gbd, false, a.selected_pre, a.grad_values,
-                         a.grad_values_out, &adam, a.decoder_dots);
+                         a.grad_values_out, &adam);
 }
 
 template <class T>
@@ -621,17 +618,17 @@ PYBIND11_MODULE(_core, m) {
       "decode_mse",
       [](const py::object& values, const py::object& indices, const py::object& W_dec,
          const py::object& b_dec, const py::object& X, int n_threads,
-         const py::object& grad_out, const py::object& dots) {
+         const py::object& grad_out) {
         return is_float32(values)
-                   ? decode_mse_impl<float>(values, indices, W_dec, b_dec, X, n_threads, grad_out, dots)
-                   : decode_mse_impl<double>(values, indices, W_dec, b_dec, X, n_threads, grad_out, dots);
+                   ? decode_mse_impl<float>(values, indices, W_dec, b_dec, X, n_threads, grad_out)
+                   : decode_mse_impl<double>(values, indices, W_dec, b_dec, X, n_threads, grad_out);
       },
       py::arg("values"), py::arg("indices"), py::arg("W_dec"), py::arg("b_dec"), py::arg("X"),
-      py::arg("n_threads") = 0, py::arg("grad_out") = py::none(), py::arg("dots") = py::none(),
-      "decode and the mean squared error against X in one pass per row: returns (loss,\n"
-      "grad_out, dots) with loss = mean((X_hat - X)**2), grad_out = 2 (X_hat - X) / X.size\n"
-      "(rounded as NumPy rounds it) and dots[r, s] = grad_out[r] . W_dec[indices[r, s]],\n"
-      "backward's decoder_dots. grad_out and dots may be given as output buffers.");
+      py::arg("n_threads") = 0, py::arg("grad_out") = py::none(),
+      "decode and the mean squared error against X: returns (loss, grad_out) with\n"
+      "loss = mean((X_hat - X)**2) and grad_out = 2 (X_hat - X) / X.size (rounded as NumPy\n"
+      "rounds it), X_hat bitwise what decode returns. grad_out may be given as an output\n"
+      "buffer.");
 
   m.def(
       "backward",
@@ -640,16 +637,15 @@ PYBIND11_MODULE(_core, m) {
          const std::string& activation, bool project_decoder_grad, int n_threads,
          const py::object& gwe, const py::object& gbe, const py::object& gwd,
          const py::object& gbd, bool accumulate, const py::object& selected_pre,
-         const py::object& grad_values, const py::object& grad_values_out,
-         const py::object& decoder_dots) {
+         const py::object& grad_values, const py::object& grad_values_out) {
         if (is_float32(values)) {
           backward_impl<float>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                               selected_pre, grad_values, grad_values_out, decoder_dots);
+                               selected_pre, grad_values, grad_values_out);
         } else {
           backward_impl<double>(grad_out, centered, values, indices, W_enc_t, W_dec, activation,
                                 project_decoder_grad, n_threads, gwe, gbe, gwd, gbd, accumulate,
-                                selected_pre, grad_values, grad_values_out, decoder_dots);
+                                selected_pre, grad_values, grad_values_out);
         }
       },
       py::arg("grad_out"), py::arg("centered"), py::arg("values"), py::arg("indices"),
@@ -658,15 +654,12 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grad_b_enc"), py::arg("grad_W_dec"), py::arg("grad_b_dec"),
       py::arg("accumulate") = false, py::arg("selected_pre") = py::none(),
       py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
-      py::arg("decoder_dots") = py::none(),
       "TopK backward: writes (or, with accumulate, adds) the gradients of W_enc (transposed),\n"
       "b_enc, W_dec and b_dec given grad_out = dL/dX_hat, touching only the selected entries.\n"
       "grad_values (batch x k) adds a penalty's gradient with respect to the code values;\n"
       "grad_values_out (batch x k) receives the whole gradient with respect to them. W_dec may\n"
       "be (n_latents x d_out) with d_out != d_in (a classifier head) when grad_b_dec is None\n"
-      "(the input centering is then not trained). decoder_dots (batch x k), as decode_mse\n"
-      "returns them, are the products grad_out[r] . W_dec[indices[r, s]], which are then not\n"
-      "formed again.");
+      "(the input centering is then not trained).");
 
   m.def(
       "backward_adam",
@@ -678,7 +671,7 @@ PYBIND11_MODULE(_core, m) {
          bool project_decoder_grad, bool unit_norm_decoder, int n_threads, double lr,
          double beta1, double beta2, double eps, double weight_decay, long long step,
          const py::object& selected_pre, const py::object& grad_values,
-         const py::object& grad_values_out, const py::object& decoder_dots) {
+         const py::object& grad_values_out) {
         const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
         check_adam(s);
         auto run = [&](auto zero) {
@@ -686,7 +679,7 @@ PYBIND11_MODULE(_core, m) {
           backward_adam_impl<T>(grad_out, centered, values, indices, W_enc_t, b_enc, W_dec,
                                 b_dec, exp_avg, exp_avg_sq, grad_b_enc, grad_b_dec, activation,
                                 project_decoder_grad, unit_norm_decoder, n_threads, s,
-                                selected_pre, grad_values, grad_values_out, decoder_dots);
+                                selected_pre, grad_values, grad_values_out);
         };
         if (is_float32(values)) run(0.0f);
         else run(0.0);
@@ -698,7 +691,6 @@ PYBIND11_MODULE(_core, m) {
       py::arg("n_threads"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
       py::arg("weight_decay"), py::arg("step"), py::arg("selected_pre") = py::none(),
       py::arg("grad_values") = py::none(), py::arg("grad_values_out") = py::none(),
-      py::arg("decoder_dots") = py::none(),
       "backward with the step's Adam update fused in: each latent's rows of W_enc (transposed)\n"
       "and W_dec are updated as soon as their block of up to 32 latents' gradient rows is\n"
       "formed, and the whole weight gradients are never stored; b_enc and\n"

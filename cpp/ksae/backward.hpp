@@ -88,10 +88,10 @@ struct FusedAdam {
 // code values that does not pass through the decoder: the derivative of a penalty on the code
 // (L1, KL-divergence). `grad_values_out` (batch x k, may be null) receives dvalues, the whole
 // gradient with respect to the values (a straight-through estimator needs it).
-// `decoder_dots` (batch x k, may be null: formed here) are the products
-// grad_out[r] . W_dec[indices[r, s]] as decode_mse forms them while it decodes: the same
-// reduction on the same rows, so passing them changes no bit of any output, and saves a
-// second gather of the selected decoder rows (which, for a large dictionary, come from memory).
+// The decoder products grad_out[r] . W_dec[indices[r, s]] are formed in the decoder pass, by
+// the thread that owns (and updates) the latent's rows, from the row it is about to update:
+// no other core reads a decoder row the backward writes (see decode_sparse), and the rows
+// are not gathered a second time.
 // The output width d_out (W_dec is n_latents x d_out, grad_out batch x d_out) may differ from
 // the input width d_in (W_enc_t is n_latents x d_in, centered batch x d_in): a classifier head
 // in place of the decoder. grad_b_dec treats b_dec as both the input centering and the output
@@ -115,8 +115,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
                    bool project_decoder_grad, int n_threads, T* grad_W_enc_t, T* grad_b_enc,
                    T* grad_W_dec, T* grad_b_dec, bool accumulate = false,
                    const T* selected_pre = nullptr, const T* grad_values = nullptr,
-                   T* grad_values_out = nullptr, const FusedAdam<T>* adam = nullptr,
-                   const T* decoder_dots = nullptr) {
+                   T* grad_values_out = nullptr, const FusedAdam<T>* adam = nullptr) {
   using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
   using ConstRow = Eigen::Map<const RowVec>;
   using Row = Eigen::Map<RowVec>;
@@ -132,8 +131,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   // replaces, split by columns, read half of every row from the other core: leaving it out
   // cut a 7 ms step at (256, 784, 1000, 25) by 1.35 ms where the two cores share no cache.
   // Left uninitialised: each chunk's owner zeroes it.
-  const Index chunk = kLatentAlign * std::max<Index>(1, (n_latents + kLatentAlign * 1024 - 1) /
-                                                           (kLatentAlign * 1024));
+  const Index chunk = latent_chunk(n_latents);
   const Index n_chunks = grad_b_dec ? (n_latents + chunk - 1) / chunk : 0;
   std::unique_ptr<T[]> bias_partials(new T[static_cast<size_t>(n_chunks * d_in)]);
   LatentGroups groups;
@@ -154,33 +152,6 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
 #pragma omp parallel num_threads(nt)
   {
     FlushSubnormals flush;
-#pragma omp for schedule(static)
-    for (Index r = 0; r < batch; ++r) {
-      ConstRow g(grad_out + r * d_out, d_out);
-      T* dp = dpre.data() + r * k;
-      const T* a = values + r * k;
-      if (decoder_dots) {
-        std::copy(decoder_dots + r * k, decoder_dots + (r + 1) * k, dp);
-      } else {
-        for (Index s = 0; s < k; ++s) dp[s] = g.dot(ConstRow(W_dec + indices[r * k + s] * d_out, d_out));
-      }
-      if (grad_values) {
-        for (Index s = 0; s < k; ++s) dp[s] += grad_values[r * k + s];
-      }
-      if (grad_values_out) std::copy(dp, dp + k, grad_values_out + r * k);
-      if (act == Activation::softmax) {  // d a_s / d x_t = a_s (delta_st - a_t)
-        T weighted = T(0);
-        for (Index s = 0; s < k; ++s) weighted += a[s] * dp[s];
-        for (Index s = 0; s < k; ++s) dp[s] = a[s] * (dp[s] - weighted);
-      } else {
-        for (Index s = 0; s < k; ++s) {
-          const T x = selected_pre ? selected_pre[r * k + s] : T(0);
-          dp[s] *= activation_derivative(act, a[s], x);
-        }
-      }
-    }
-    // implicit barrier: dpre is complete.
-
     int tid = 0;
 #ifdef KSAE_HAVE_OPENMP
     tid = omp_get_thread_num();
@@ -217,14 +188,29 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     for (Index jb = j_begin; jb < j_end; jb += block) {
       const Index je = std::min(j_end, jb + block);
       for (Index j = jb; j < je; ++j) {
-        // Every thread's decode read this latent's decoder row: ask for it to be written
-        // while the block's gradients are formed. Where the cores share no cache this cut the
-        // (256, 784, 1000, 25) backward from 2.97 to 2.54 ms.
+        // Ask for the latent's decoder row in a state it can be written in while the block's
+        // gradients are formed: another core's decode may hold a copy (every core's did when
+        // the decode was split by rows; on more than two threads some still do). Where the
+        // cores share no cache this cut the (256, 784, 1000, 25) backward from 2.97 to 2.54 ms
+        // with the decode split by rows.
         if (adam) prefetch_row_for_write(adam->W_dec + j * d_out, d_out);
         const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
         if (begin == end) continue;
         const Index* entries = groups.entries.data() + begin;
         const Index* rows = groups.rows.data() + begin;
+        // The decoder products of the latent's entries, from its row before the update, and
+        // (but for softmax, whose derivative needs the whole row: below) their dpre.
+        ConstRow w(W_dec + j * d_out, d_out);
+        for (Index e = 0; e < end - begin; ++e) {
+          const Index p = entries[e];
+          T dp = ConstRow(grad_out + rows[e] * d_out, d_out).dot(w);
+          if (grad_values) dp += grad_values[p];
+          if (act != Activation::softmax) {
+            if (grad_values_out) grad_values_out[p] = dp;
+            dp *= activation_derivative(act, values[p], selected_pre ? selected_pre[p] : T(0));
+          }
+          dpre[p] = dp;
+        }
         T* out = apart ? formed + (j - jb) * width : grad_W_dec + j * d_out;
         weighted_row_sum(out, d_out, end - begin, [&](Index e) {
           return std::make_pair(values[entries[e]], grad_out + rows[e] * d_out);
@@ -251,6 +237,22 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         }
         if (adam) adam->update_decoder(j, row, d_out);
       }
+    }
+    // Softmax's dpre mixes a row's k entries, which other threads' latents hold: after every
+    // product is formed, each row's dpre from its k products. (Every other activation's dpre
+    // is formed above, by the thread whose encoder pass reads it: no barrier.)
+    if (act == Activation::softmax) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (Index r = 0; r < batch; ++r) {  // d a_s / d x_t = a_s (delta_st - a_t)
+        T* dp = dpre.data() + r * k;
+        const T* a = values + r * k;
+        if (grad_values_out) std::copy(dp, dp + k, grad_values_out + r * k);
+        T weighted = T(0);
+        for (Index s = 0; s < k; ++s) weighted += a[s] * dp[s];
+        for (Index s = 0; s < k; ++s) dp[s] = a[s] * (dp[s] - weighted);
+      }
+      // implicit barrier: dpre is complete.
     }
     for (Index jb = j_begin; jb < j_end; jb += block) {
       const Index je = std::min(j_end, jb + block);

@@ -246,4 +246,22 @@ inline void this_thread_range(Index n, Index* begin, Index* end, Index align = 1
   split_range(n, nth, tid, begin, end, align);
 }
 
+// The backward's latents go to threads in chunks of this many (kLatentAlign, more for
+// dictionaries over 16384 latents: at most 1024 chunks), so its ranges are the encode's up
+// to 16384 latents and at most half a chunk off them beyond.
+inline Index latent_chunk(Index n_latents) {
+  return kLatentAlign * std::max<Index>(1, (n_latents + kLatentAlign * 1024 - 1) /
+                                               (kLatentAlign * 1024));
+}
+
+// The first latent of the second of the decode's two fixed latent groups (see
+// decode_sparse): where the backward on two threads splits its latents, so on two threads
+// each decoder row is read, in the decode, by the core that updates it. The same for any
+// thread count, so the decode's rounding never depends on it.
+inline Index decoder_split(Index n_latents) {
+  Index begin, end;
+  split_range(n_latents, 2, 0, &begin, &end, latent_chunk(n_latents));
+  return end;
+}
+
 }  // namespace ksae

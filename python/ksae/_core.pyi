@@ -21,8 +21,8 @@ def decode(
 def decode_mse(
     values: NDArray[np.floating], indices: NDArray[np.int64], W_dec: NDArray[np.floating],
     b_dec: NDArray[np.floating], X: NDArray[np.floating], n_threads: int = 0,
-    grad_out: NDArray[np.floating] | None = None, dots: NDArray[np.floating] | None = None,
-) -> tuple[float, NDArray[np.floating], NDArray[np.floating]]: ...
+    grad_out: NDArray[np.floating] | None = None,
+) -> tuple[float, NDArray[np.floating]]: ...
 def backward(
     grad_out: NDArray[np.floating], centered: NDArray[np.floating], values: NDArray[np.floating],
     indices: NDArray[np.int64], W_enc_t: NDArray[np.floating], W_dec: NDArray[np.floating],
@@ -32,7 +32,6 @@ def backward(
     accumulate: bool = False, selected_pre: NDArray[np.floating] | None = None,
     grad_values: NDArray[np.floating] | None = None,
     grad_values_out: NDArray[np.floating] | None = None,
-    decoder_dots: NDArray[np.floating] | None = None,
 ) -> None: ...
 def backward_adam(
     grad_out: NDArray[np.floating], centered: NDArray[np.floating], values: NDArray[np.floating],
@@ -45,7 +44,6 @@ def backward_adam(
     selected_pre: NDArray[np.floating] | None = None,
     grad_values: NDArray[np.floating] | None = None,
     grad_values_out: NDArray[np.floating] | None = None,
-    decoder_dots: NDArray[np.floating] | None = None,
 ) -> None: ...
 def select_topk(
     pre: NDArray[np.floating], bias: NDArray[np.floating], k: int, activation: str = "relu",

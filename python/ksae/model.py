@@ -464,13 +464,11 @@ class SparseAutoencoder:
         values, indices, gap = self._encode(encoded, width, cfg, nt, ws, selected_pre)
         if cfg.sparsity == "batchtopk":
             self._keep_batch_top(values, k)
-        dots = None
         if self._linear_mse(cfg, train_cfg):
-            # Decode, loss and the backward's decoder products in one pass over each row's
-            # decoder rows: gathering them again in the backward cost 2.4-4.6 ms of a
-            # 170-180 ms step at (1024, 768, 16384, 32) (C++ harness, 2 threads).
-            loss, grad_out, dots = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], batch,
-                                                    nt, ws["x_hat"])
+            # Decode and loss in one kernel: on several threads it decodes by latent group,
+            # so that each core reads the decoder rows it updates in the backward.
+            loss, grad_out = _core.decode_mse(values, indices, p["W_dec"], p["b_dec"], batch, nt,
+                                              ws["x_hat"])
         else:
             x_hat = _core.decode(values, indices, p["W_dec"], p["b_dec"], nt, ws["x_hat"])
             loss, grad_out = reconstruction_loss(x_hat, batch, cfg.output_activation, train_cfg.loss)
@@ -480,13 +478,12 @@ class SparseAutoencoder:
         auxk_loss, rows = 0.0, None
         if fused:
             self._backward_adam(grad_out, ws["centered"], values, indices, cfg, nt,
-                                selected_pre, grad_values, dots)
+                                selected_pre, grad_values)
         else:
             dvalues = np.empty_like(values) if gap is not None else None  # dL/dz for the thresholds
             _core.backward(grad_out, ws["centered"], values, indices, p["W_enc_t"], p["W_dec"],
                            cfg.activation, cfg.normalize_decoder, nt, g["W_enc_t"], g["b_enc"],
-                           g["W_dec"], g["b_dec"], False, selected_pre, grad_values, dvalues,
-                           dots)
+                           g["W_dec"], g["b_dec"], False, selected_pre, grad_values, dvalues)
             if gap is not None:
                 jumprelu_threshold_gradient(gap, indices, dvalues, p["log_threshold"],
                                             train_cfg.jumprelu_bandwidth, train_cfg.l0_coef,
@@ -510,8 +507,7 @@ class SparseAutoencoder:
 
     def _backward_adam(self, grad_out: np.ndarray, centered: np.ndarray, values: np.ndarray,
                        indices: np.ndarray, cfg: ModelConfig, nt: int,
-                       selected_pre: np.ndarray | None, grad_values: np.ndarray | None,
-                       dots: np.ndarray | None = None) -> None:
+                       selected_pre: np.ndarray | None, grad_values: np.ndarray | None) -> None:
         """Backward and the Adam update in one kernel: each latent's rows are updated as soon
         as the gradient rows of its block of latents are formed, bitwise as backward then
         Optimizer.step would leave them (the whole weight gradients are never stored). See
@@ -523,7 +519,7 @@ class SparseAutoencoder:
                             p["W_dec"], p["b_dec"], exp_avg, exp_avg_sq, g["b_enc"], g["b_dec"],
                             cfg.activation, cfg.normalize_decoder, cfg.normalize_decoder, nt,
                             opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay,
-                            opt.n_steps, selected_pre, grad_values, None, dots)
+                            opt.n_steps, selected_pre, grad_values)
 
     @staticmethod
     def _linear_mse(cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
