@@ -506,6 +506,16 @@ double squared_norm_impl(const py::object& array, int n_threads) {
   return ksae::squared_norm<T>(x, n, n_threads);
 }
 
+template <class T>
+bool all_finite_impl(const py::object& array, int n_threads) {
+  auto arr = py::reinterpret_borrow<py::array>(array);
+  const std::vector<Index> shape(arr.shape(), arr.shape() + arr.ndim());
+  const T* x = checked<T>(array, "array", shape);
+  const Index n = static_cast<Index>(arr.size());
+  py::gil_scoped_release release;
+  return ksae::all_finite<T>(x, n, n_threads);
+}
+
 void check_adam(const ksae::AdamSettings& s) {
   if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
   if (!(s.beta1 >= 0 && s.beta1 < 1)) throw py::value_error("beta1: expected 0 <= beta1 < 1");
@@ -773,4 +783,15 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), py::arg("n_threads") = 0,
       "Sum of the squares of a C-contiguous float32/float64 array of any shape, accumulated\n"
       "in double. Fixed-size chunks summed in order: bitwise the same for any n_threads.");
+
+  m.def(
+      "all_finite",
+      [](const py::object& array, int n_threads) {
+        require_array(array, "array");
+        return is_float32(array) ? all_finite_impl<float>(array, n_threads)
+                                 : all_finite_impl<double>(array, n_threads);
+      },
+      py::arg("array"), py::arg("n_threads") = 0,
+      "Whether a C-contiguous float32/float64 array of any shape holds no NaN and no\n"
+      "infinity (np.isfinite(array).all() without its temporary bool array).");
 }

@@ -246,6 +246,48 @@ def test_squared_norm_non_finite_and_errors():
         _core.squared_norm(np.ones((4, 4))[:, ::2])
 
 
+# --------------------------------------------------------------------------------- all finite
+@pytest.mark.parametrize("size", NORM_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_all_finite_matches_numpy_wherever_the_bad_value_sits(rng, size, dtype):
+    # The kernel sums x * 0 in lanes per chunk: a NaN or infinity in any lane, the tail past
+    # the last full group of lanes, or any chunk must turn the answer, at every thread count.
+    a = rng.standard_normal(size).astype(dtype)
+    counts = (*THREADS, 3, 0)
+    assert all(_core.all_finite(a, nt) is True for nt in counts)
+    positions = sorted({p for p in (0, 1, 15, 16, size // 2, CHUNK, size - 2, size - 1)
+                        if 0 <= p < size})
+    for bad in (np.nan, np.inf, -np.inf):
+        for position in positions:
+            b = a.copy()
+            b[position] = bad
+            assert not np.isfinite(b).all()
+            for nt in counts:
+                assert _core.all_finite(b, nt) is False, (bad, position, nt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_all_finite_extreme_finite_values_and_shapes(dtype):
+    info = np.finfo(dtype)
+    # The largest finite values, subnormals and negative zeros are finite (x * 0 stays zero).
+    a = np.array([info.max, -info.max, info.smallest_subnormal, -0.0, info.tiny] * 7, dtype=dtype)
+    assert _core.all_finite(a, 1) and _core.all_finite(a.reshape(5, 7), 2)
+    assert _core.all_finite(np.empty((3, 0), dtype))
+    b = np.full((CHUNK + 3, 3), info.max, dtype)
+    assert _core.all_finite(b, 2)
+    b[-1, -1] = np.nan
+    assert not _core.all_finite(b, 2)
+
+
+def test_all_finite_errors():
+    with pytest.raises(TypeError, match="^array: expected a numpy array"):
+        _core.all_finite([1.0, 2.0])
+    with pytest.raises(TypeError, match="^array: "):
+        _core.all_finite(np.arange(4))
+    with pytest.raises(ValueError, match="^array: .*not C-contiguous"):
+        _core.all_finite(np.ones((4, 4))[:, ::2])
+
+
 # --------------------------------------------------------------------------------- clipping
 def gradients(rng, dtype, scale=1.0):
     """A dict of 4 gradients shaped like a model's."""

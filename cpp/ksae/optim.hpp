@@ -254,4 +254,38 @@ double squared_norm(const T* x, Index n, int n_threads) {
   return total;
 }
 
+// Whether x[0:n] holds no NaN and no infinity: x * 0 is a zero for every finite value and NaN
+// for the others, so the sum of those products (kLanes independent lanes, which vectorise) is
+// zero exactly when every value is finite. One pass, no temporary array (NumPy's
+// np.isfinite(x).all() writes and reads a bool per value: 25-30 us of a 256 x 784 float32
+// batch, which partial_fit checks every step).
+template <class T>
+inline bool all_finite_span(const T* __restrict x, Index n) {
+  constexpr int kLanes = 64 / int(sizeof(T));
+  T acc[kLanes] = {};
+  Index i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * T(0);
+  }
+  T total = T(0);
+  for (int j = 0; j < kLanes; ++j) total += acc[j];
+  for (; i < n; ++i) total += x[i] * T(0);
+  return total == T(0);
+}
+
+// all_finite_span over fixed-size chunks shared out among the threads.
+template <class T>
+bool all_finite(const T* x, Index n, int n_threads) {
+  const Index n_chunks = (n + kNormChunk - 1) / kNormChunk;
+  if (n_chunks <= 1) return all_finite_span(x, n);
+  const int nt = threads_for(n_threads, double(n_chunks), 4);
+  bool finite = true;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(&& : finite)
+  for (Index c = 0; c < n_chunks; ++c) {
+    const Index begin = c * kNormChunk;
+    finite = all_finite_span(x + begin, std::min(n, begin + kNormChunk) - begin) && finite;
+  }
+  return finite;
+}
+
 }  // namespace ksae

@@ -285,12 +285,12 @@ class SparseAutoencoder:
         train = self._partial_fit_config(lr, optimizer, options)
         cfg = self._cfg()
         if self._params is None:
-            X = as_float_matrix(X, "X", cfg.dtype)
+            X = as_float_matrix(X, "X", cfg.dtype, n_threads=self._threads(cfg))
             self._rng = np.random.default_rng(cfg.random_state)
             self._initialize(X.shape[1], cfg, X)
         else:
             self._check_architecture(cfg)
-            X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
+            X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_, self._threads(cfg))
         if self._optimizer is None or self._optimizer is not self.__dict__.get("_partial_fit_optimizer"):
             fresh = make_optimizer(train)
             if self._optimizer is None or not _same_settings_but_lr(self._optimizer, fresh):
@@ -710,8 +710,8 @@ class SparseAutoencoder:
         """The top code_width latents of each row, before any batchtopk threshold."""
         cfg = self._cfg()
         self._check_architecture(cfg)
-        X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_)
         nt = self._threads(cfg)
+        X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_, nt)
         n = X.shape[0]
         k = self.code_width(cfg, self.inference_k(cfg))
         values = np.empty((n, k), dtype=cfg.dtype)

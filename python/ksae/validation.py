@@ -7,14 +7,17 @@ from typing import Any
 
 import numpy as np
 
+from . import _core
 
-def as_float_matrix(X: Any, name: str, dtype: np.dtype | str, n_features: int | None = None) -> np.ndarray:
+
+def as_float_matrix(X: Any, name: str, dtype: np.dtype | str, n_features: int | None = None,
+                    n_threads: int = 0) -> np.ndarray:
     """Return ``X`` as a C-contiguous 2-D array of ``dtype``, converted at most once.
 
     Floating-point input of any precision or memory order is accepted; integer, bool,
     complex, string and object data are refused (pixel intensities should be scaled
     explicitly), as are arrays that are not 2-D, empty, of the wrong width, or that hold
-    NaN or infinity.
+    NaN or infinity. ``n_threads`` (0: all the kernels may use) run the finiteness check.
     """
     arr = X if isinstance(X, np.ndarray) else np.asarray(X)
     kind = arr.dtype.kind
@@ -36,7 +39,7 @@ def as_float_matrix(X: Any, name: str, dtype: np.dtype | str, n_features: int | 
     source = arr
     with np.errstate(over="ignore"):  # values too large for dtype become inf: reported below
         arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
+    if not _core.all_finite(arr, n_threads):  # one pass; NumPy's check is the slow path
         bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
         if np.isfinite(source[bad]).all():
             raise ValueError(f"{name}: row {bad} holds values beyond the range of {np.dtype(dtype).name} "
