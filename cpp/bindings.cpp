@@ -496,24 +496,26 @@ void check_rmsprop(const ksae::RmspropSettings& s) {
   if (!(s.weight_decay >= 0)) throw py::value_error("weight_decay: expected a value >= 0");
 }
 
-template <class T>
-double squared_norm_impl(const py::object& array, int n_threads) {
+// `kernel(x, n, n_threads)` on the values of a C-contiguous T array of any shape (checked:
+// named "array"), without the GIL.
+template <class T, class Kernel>
+auto on_flat_array(const py::object& array, int n_threads, Kernel kernel) {
   auto arr = py::reinterpret_borrow<py::array>(array);
   const std::vector<Index> shape(arr.shape(), arr.shape() + arr.ndim());
   const T* x = checked<T>(array, "array", shape);
   const Index n = static_cast<Index>(arr.size());
   py::gil_scoped_release release;
-  return ksae::squared_norm<T>(x, n, n_threads);
+  return kernel(x, n, n_threads);
+}
+
+template <class T>
+double squared_norm_impl(const py::object& array, int n_threads) {
+  return on_flat_array<T>(array, n_threads, ksae::squared_norm<T>);
 }
 
 template <class T>
 bool all_finite_impl(const py::object& array, int n_threads) {
-  auto arr = py::reinterpret_borrow<py::array>(array);
-  const std::vector<Index> shape(arr.shape(), arr.shape() + arr.ndim());
-  const T* x = checked<T>(array, "array", shape);
-  const Index n = static_cast<Index>(arr.size());
-  py::gil_scoped_release release;
-  return ksae::all_finite<T>(x, n, n_threads);
+  return on_flat_array<T>(array, n_threads, ksae::all_finite<T>);
 }
 
 void check_adam(const ksae::AdamSettings& s) {

@@ -232,18 +232,23 @@ def test_squared_norm_exact_on_integers():
     assert _core.squared_norm(a, 2) == 2 * (n * (n + 1) * (2 * n + 1) // 6)
 
 
-def test_squared_norm_non_finite_and_errors():
+def test_squared_norm_non_finite():
     a = np.ones(3 * CHUNK)
     a[CHUNK + 2] = np.inf
     assert _core.squared_norm(a, 2) == np.inf
     a[5] = np.nan
     assert math.isnan(_core.squared_norm(a, 2))
+
+
+@pytest.mark.parametrize("kernel", ["squared_norm", "all_finite"])
+def test_flat_array_kernel_errors(kernel):
+    call = getattr(_core, kernel)
     with pytest.raises(TypeError, match="^array: expected a numpy array"):
-        _core.squared_norm([1.0, 2.0])
+        call([1.0, 2.0])
     with pytest.raises(TypeError, match="^array: "):
-        _core.squared_norm(np.arange(4))
+        call(np.arange(4))
     with pytest.raises(ValueError, match="^array: .*not C-contiguous"):
-        _core.squared_norm(np.ones((4, 4))[:, ::2])
+        call(np.ones((4, 4))[:, ::2])
 
 
 # --------------------------------------------------------------------------------- all finite
@@ -277,15 +282,6 @@ def test_all_finite_extreme_finite_values_and_shapes(dtype):
     assert _core.all_finite(b, 2)
     b[-1, -1] = np.nan
     assert not _core.all_finite(b, 2)
-
-
-def test_all_finite_errors():
-    with pytest.raises(TypeError, match="^array: expected a numpy array"):
-        _core.all_finite([1.0, 2.0])
-    with pytest.raises(TypeError, match="^array: "):
-        _core.all_finite(np.arange(4))
-    with pytest.raises(ValueError, match="^array: .*not C-contiguous"):
-        _core.all_finite(np.ones((4, 4))[:, ::2])
 
 
 # --------------------------------------------------------------------------------- clipping

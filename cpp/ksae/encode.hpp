@@ -593,8 +593,8 @@ void decode_sparse(const T* values, const LatentIndex* indices, Index batch, Ind
 // update of a row had to take its lines from the other core's cache; where the two cores
 // share no cache (one L3 per CCD) that was about 1 ms of a 6 ms step at
 // (256, 784, 1000, 25). Measured in one process (C++ harness, 2 threads, the old and new
-// kernels alternated every 40 steps): the far step 5.5-6.5 -> 4.6-5.7 ms (-15 to -18%), the
-// near step within -0.0 to +0.1 ms. One thread adds each row's partial rows at once.
+// kernels alternated every 40 steps): the far step 5.6-6.4 -> 4.5-5.4 ms (-15 to -19%), the
+// near step 0.02-0.09 ms faster. One thread adds each row's partial rows at once.
 template <class T>
 double decode_mse(const T* values, const LatentIndex* indices, Index batch, Index k,
                   const T* W_dec, const T* b_dec, const T* X, Index d, Index n_latents,
