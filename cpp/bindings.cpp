@@ -518,6 +518,35 @@ bool all_finite_impl(const py::object& array, int n_threads) {
   return on_flat_array<T>(array, n_threads, ksae::all_finite<T>);
 }
 
+// The selection's counting primitives (topk.hpp), bound for the tests: their results are
+// bounds and orders the encode relies on, and a looser bound or a wrong rank there would
+// only cost time or reorder ties, which the encode's own tests need not notice.
+template <class T>
+double kth_largest_impl(const py::object& values, Index k) {
+  const T* v = checked<T>(values, "values", {kAny});
+  const Index n = dim(values, 0);
+  if (k < 1 || k > n) {
+    throw py::value_error("k: expected 1 <= k <= " + std::to_string(n) + ", got " + std::to_string(k));
+  }
+  std::vector<T> order(static_cast<size_t>(n));
+  return double(ksae::kth_largest(v, n, k, order.data()));
+}
+
+template <class T>
+py::object rank_top_k_impl(const py::object& keys, const py::object& indices, Index k) {
+  const T* key = checked<T>(keys, "keys", {kAny});
+  const Index m = dim(keys, 0);
+  const LatentIndex* index = checked<LatentIndex>(indices, "indices", {m});
+  if (k < 1 || k > m) {
+    throw py::value_error("k: expected 1 <= k <= " + std::to_string(m) + ", got " + std::to_string(k));
+  }
+  std::vector<Index> out(static_cast<size_t>(k));
+  if (!ksae::rank_top_k(key, index, m, k, out.data())) return py::none();
+  py::array_t<LatentIndex> result(k);
+  std::copy(out.begin(), out.end(), result.mutable_data());
+  return std::move(result);
+}
+
 void check_adam(const ksae::AdamSettings& s) {
   if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
   if (!(s.beta1 >= 0 && s.beta1 < 1)) throw py::value_error("beta1: expected 0 <= beta1 < 1");
@@ -796,4 +825,26 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), py::arg("n_threads") = 0,
       "Whether a C-contiguous float32/float64 array of any shape holds no NaN and no\n"
       "infinity (np.isfinite(array).all() without its temporary bool array).");
+
+  m.def(
+      "_kth_largest",
+      [](const py::object& values, Index k) {
+        require_array(values, "values");
+        return is_float32(values) ? kth_largest_impl<float>(values, k)
+                                  : kth_largest_impl<double>(values, k);
+      },
+      py::arg("values"), py::arg("k"),
+      "Internal (for tests): the k-th largest of a 1-D float32/float64 array without NaN, by\n"
+      "the selection's branch-free count (up to 8 packets of values) or nth_element.");
+  m.def(
+      "_rank_top_k",
+      [](const py::object& keys, const py::object& indices, Index k) {
+        require_array(keys, "keys");
+        return is_float32(keys) ? rank_top_k_impl<float>(keys, indices, k)
+                                : rank_top_k_impl<double>(keys, indices, k);
+      },
+      py::arg("keys"), py::arg("indices"), py::arg("k"),
+      "Internal (for tests): the positions of the k best of m candidates (larger key first,\n"
+      "the lower index on ties) by the selection's branch-free ranks; None where m exceeds\n"
+      "its 8 packets (the encode then sorts).");
 }

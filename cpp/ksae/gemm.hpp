@@ -101,6 +101,17 @@ struct GemmKernel {
     using namespace Eigen::internal;
     constexpr Index lanes = kPackets * kPacket;
     Packet acc[NR][kPackets];
+    // Ask for the block of P now, in a state it can be written in: the stores (and, with
+    // `add`, the loads) at the end then find it in L1 instead of waiting on L2 or L3 for
+    // each of its NR x kPackets lines. Measured in the step harness at
+    // (256, 784, 1000, 25), 2 threads, with and without it alternated every 40 steps: the
+    // encode 0.03-0.05 ms faster.
+#if defined(__GNUC__)
+    for (Index c = 0; c < nr_valid; ++c) {
+      const char* row = reinterpret_cast<const char*>(P + c * ldp);
+      for (Index b = 0; b < mr_valid * Index(sizeof(T)); b += 64) __builtin_prefetch(row + b, 1, 3);
+    }
+#endif
 #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) {
 #pragma GCC unroll 3

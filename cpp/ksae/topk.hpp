@@ -4,6 +4,7 @@
 #include "common.hpp"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace ksae {
@@ -46,6 +47,26 @@ inline void with_selection_key(Activation act, F f) {
 }
 
 KSAE_PACKET_CODE_BEGIN
+// count + (a OP b ? one : 0) per lane, OP one of <=, <, == (kLe, kLt, kEq): the counting
+// step of kth_largest and rank_top_k. With AVX-512 the comparison gives a mask register and
+// a masked add takes it (2 instructions); Eigen's pcmp_* would widen the mask to a vector
+// and mask `one` with it (4), and these loops are nothing but those steps.
+enum class CountIf { kLe, kLt, kEq };
+template <CountIf kOp, class Packet>
+inline Packet count_if(const Packet& count, const Packet& a, const Packet& b, const Packet& one) {
+  using namespace Eigen::internal;
+#ifdef __AVX512F__
+  constexpr int kPredicate = kOp == CountIf::kLe ? _CMP_LE_OQ : kOp == CountIf::kLt ? _CMP_LT_OQ : _CMP_EQ_OQ;
+  if constexpr (std::is_same_v<Packet, Packet16f>) {
+    return _mm512_mask_add_ps(count, _mm512_cmp_ps_mask(a, b, kPredicate), count, one);
+  } else if constexpr (std::is_same_v<Packet, Packet8d>) {
+    return _mm512_mask_add_pd(count, _mm512_cmp_pd_mask(a, b, kPredicate), count, one);
+  }
+#endif
+  const Packet hit = kOp == CountIf::kLe ? pcmp_le(a, b) : kOp == CountIf::kLt ? pcmp_lt(a, b) : pcmp_eq(a, b);
+  return padd(count, pand(hit, one));
+}
+
 // Values per packet and packets per row of the counting selections below (kth_largest,
 // rank_top_k): at most kCountPackets packets (128 float32 with AVX-512) are counted.
 template <class T>
@@ -92,7 +113,7 @@ inline T kth_largest(const T* v, Index n, Index k, T* order) {
       for (Index j = 0; j < n; ++j) {
         const Packet x = pset1<Packet>(v[j]);
         for (Index q = 0; q < packets; ++q) {
-          count[q] = padd(count[q], pand(pcmp_le(m[q], x), one));  // v[j] >= this lane's value
+          count[q] = count_if<CountIf::kLe>(count[q], m[q], x, one);  // v[j] >= this lane's value
         }
       }
       const Packet need = pset1<Packet>(T(k));
@@ -130,8 +151,8 @@ inline bool rank_top_k(const T* key, const LatentIndex* index, Index m, Index k,
     for (Index j = 0; j < m; ++j) {
       const Packet x = pset1<Packet>(key[j]);
       for (Index q = 0; q < packets; ++q) {
-        above[q] = padd(above[q], pand(pcmp_lt(keys[q], x), one));
-        equal[q] = padd(equal[q], pand(pcmp_eq(keys[q], x), one));
+        above[q] = count_if<CountIf::kLt>(above[q], keys[q], x, one);
+        equal[q] = count_if<CountIf::kEq>(equal[q], keys[q], x, one);
       }
     }
     alignas(64) T ranks[Lanes::kCountPackets * S], shared[Lanes::kCountPackets * S];
