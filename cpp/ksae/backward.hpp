@@ -4,6 +4,8 @@
 #include "common.hpp"
 #include "optim.hpp"
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -31,6 +33,33 @@ struct LatentGroups {
         const Index e = next[indices[r * k + s]]++;
         entries[e] = r * k + s;
         rows[e] = r;
+      }
+    }
+  }
+};
+
+// The units [0, count) of one thread's share of backward_topk's encoder pass: its owner takes
+// them from the front, and a thread that has finished its own share takes them from the
+// back, each unit exactly once (front and back in one 64-bit word, claimed by
+// compare-and-swap). `decoder_done` is set (release) once the owner's decoder pass, which
+// forms the dpre the encoder pass reads, is complete.
+struct alignas(64) StealRange {
+  std::atomic<std::uint64_t> state{0};  // front << 32 | back; empty while front >= back
+  std::atomic<bool> decoder_done{false};
+
+  // The unit taken from the front (owner) or the back (others), or -1 when none is left.
+  Index take_front() { return take(true); }
+  Index take_back() { return take(false); }
+
+ private:
+  Index take(bool from_front) {
+    std::uint64_t s = state.load(std::memory_order_relaxed);
+    for (;;) {
+      const std::uint64_t front = s >> 32, back = s & 0xffffffffu;
+      if (front >= back) return -1;
+      const std::uint64_t next = from_front ? ((front + 1) << 32) | back : (front << 32) | (back - 1);
+      if (state.compare_exchange_weak(s, next, std::memory_order_relaxed)) {
+        return Index(from_front ? front : back - 1);
       }
     }
   }
@@ -148,6 +177,9 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
   std::unique_ptr<T[]> block_rows(adam || separate_decoder_row ? new T[static_cast<size_t>(nt * per_thread)]
                                                                 : nullptr);
   std::unique_ptr<T[]> block_gb(new T[static_cast<size_t>(nt * block)]);
+  // The encoder pass's units: whole chunks, at least a block.
+  const Index unit = (block + chunk - 1) / chunk * chunk;
+  std::unique_ptr<StealRange[]> shares(new StealRange[static_cast<size_t>(nt)]);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -165,9 +197,17 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     // it multiplied, so they stay in its core's caches from step to step. Where two cores
     // share no cache (one L3 per CCD), a dynamic schedule handed rows from core to core and
     // cost 0.15 ms of a 7 ms step at (256, 784, 1000, 25). The ranges start on chunk
-    // boundaries, so each chunk's partial sum is formed by one thread.
+    // boundaries, so each chunk's partial sum is formed by one thread. (The encoder pass hands
+    // the end of a range to a thread that has finished its own: see below.)
     Index j_begin, j_end;
     this_thread_range(n_latents, &j_begin, &j_end, chunk);
+    int team = 1;
+#ifdef KSAE_HAVE_OPENMP
+    team = omp_get_num_threads();
+#endif
+    StealRange& mine = shares[static_cast<size_t>(tid)];
+    // Published by the release store of decoder_done below, before any other thread reads it.
+    mine.state.store(std::uint64_t((j_end - j_begin + unit - 1) / unit), std::memory_order_relaxed);
     // Two passes over the range, the decoder's rows and then the encoder's (forming both rows
     // of a latent together streamed grad_out's and centered's rows, and both sets of parameter
     // and moment rows, through the caches at once). Each pass takes `block` latents at a time:
@@ -238,6 +278,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
         if (adam) adam->update_decoder(j, row, d_out);
       }
     }
+    mine.decoder_done.store(true, std::memory_order_release);
     // Softmax's dpre mixes a row's k entries, which other threads' latents hold: after every
     // product is formed, each row's dpre from its k products. (Every other activation's dpre
     // is formed above, by the thread whose encoder pass reads it: no barrier.)
@@ -254,42 +295,75 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
       }
       // implicit barrier: dpre is complete.
     }
-    for (Index jb = j_begin; jb < j_end; jb += block) {
-      const Index je = std::min(j_end, jb + block);
-      for (Index j = jb; j < je; ++j) {
-        const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
-        if (begin == end) {
-          if (!accumulate) grad_b_enc[j] = T(0);
-          continue;
-        }
-        const Index* entries = groups.entries.data() + begin;
-        const Index* rows = groups.rows.data() + begin;
-        const Index count = end - begin;
-        T gb = T(0);
-        for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
-        gbs[j - jb] = gb;
-        grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
-        T* out = adam ? formed + (j - jb) * width : grad_W_enc_t + j * d_in;
-        weighted_row_sum(out, d_in, count, [&](Index e) {
-          return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
-        }, accumulate ? out : nullptr);
-      }
-      for (Index j = jb; j < je; ++j) {
-        T* partial = grad_b_dec ? bias_partials.get() + (j / chunk) * d_in : nullptr;
-        if (partial && j % chunk == 0) std::fill(partial, partial + d_in, T(0));
-        if (groups.offsets[j] == groups.offsets[j + 1]) {
-          if (adam) {
-            adam->update_encoder(j, zero, grad_b_enc, d_in);
-          } else if (!accumulate) {
-            Row(grad_W_enc_t + j * d_in, d_in).setZero();
+    // The encoder pass over latents [lo, hi) (whole chunks), in blocks as the decoder pass.
+    auto encoder_pass = [&](Index lo, Index hi) {
+      for (Index jb = lo; jb < hi; jb += block) {
+        const Index je = std::min(hi, jb + block);
+        for (Index j = jb; j < je; ++j) {
+          const Index begin = groups.offsets[j], end = groups.offsets[j + 1];
+          if (begin == end) {
+            if (!accumulate) grad_b_enc[j] = T(0);
+            continue;
           }
+          const Index* entries = groups.entries.data() + begin;
+          const Index* rows = groups.rows.data() + begin;
+          const Index count = end - begin;
+          T gb = T(0);
+          for (Index e = 0; e < count; ++e) gb += dpre[entries[e]];
+          gbs[j - jb] = gb;
+          grad_b_enc[j] = accumulate ? grad_b_enc[j] + gb : gb;
+          T* out = adam ? formed + (j - jb) * width : grad_W_enc_t + j * d_in;
+          weighted_row_sum(out, d_in, count, [&](Index e) {
+            return std::make_pair(dpre[entries[e]], centered + rows[e] * d_in);
+          }, accumulate ? out : nullptr);
+        }
+        for (Index j = jb; j < je; ++j) {
+          T* partial = grad_b_dec ? bias_partials.get() + (j / chunk) * d_in : nullptr;
+          if (partial && j % chunk == 0) std::fill(partial, partial + d_in, T(0));
+          if (groups.offsets[j] == groups.offsets[j + 1]) {
+            if (adam) {
+              adam->update_encoder(j, zero, grad_b_enc, d_in);
+            } else if (!accumulate) {
+              Row(grad_W_enc_t + j * d_in, d_in).setZero();
+            }
+            continue;
+          }
+          // grad_b_dec's term of this latent, read from W_enc_t's row before its update.
+          if (partial) Row(partial, d_in).noalias() += gbs[j - jb] * ConstRow(W_enc_t + j * d_in, d_in);
+          // The row's gradient is complete: update the latent's encoder parameters.
+          if (adam) adam->update_encoder(j, formed + (j - jb) * width, grad_b_enc, d_in);
+        }
+      }
+    };
+    // The encoder pass, unit by unit: first the thread's own units from the front, then, once
+    // they are taken, other threads' units from the back (after their decoder passes). The
+    // static ranges keep each latent's rows on the core that multiplied them, but the cores'
+    // speeds vary from step to step on a shared host: in the step harness at
+    // (256, 784, 1000, 25), 2 threads, one thread reached the barrier below a median 0.15 ms
+    // after the other (either one; the gap's 10th-90th percentiles -0.38 to +0.08 ms), and
+    // the gap did not follow their shares of the selected entries (3178 +- 38 of 6400).
+    // Results are bitwise the same whoever takes a unit: a unit is whole chunks, so each
+    // partial sum of grad_b_dec is still formed by one thread in latent order, and every
+    // other output is per latent.
+    for (Index u; (u = mine.take_front()) >= 0;) {
+      encoder_pass(j_begin + u * unit, std::min(j_end, j_begin + (u + 1) * unit));
+    }
+    for (bool waiting = team > 1; waiting;) {
+      waiting = false;
+      for (int o = 1; o < team; ++o) {
+        const int other = (tid + o) % team;
+        StealRange& theirs = shares[static_cast<size_t>(other)];
+        if (!theirs.decoder_done.load(std::memory_order_acquire)) {
+          waiting = true;  // its units are not ready to be taken yet
           continue;
         }
-        // grad_b_dec's term of this latent, read from W_enc_t's row before its update.
-        if (partial) Row(partial, d_in).noalias() += gbs[j - jb] * ConstRow(W_enc_t + j * d_in, d_in);
-        // The row's gradient is complete: update the latent's encoder parameters.
-        if (adam) adam->update_encoder(j, formed + (j - jb) * width, grad_b_enc, d_in);
+        Index lo, hi;
+        split_range(n_latents, team, other, &lo, &hi, chunk);
+        for (Index u; (u = theirs.take_back()) >= 0;) {
+          encoder_pass(lo + u * unit, std::min(hi, lo + (u + 1) * unit));
+        }
       }
+      if (waiting) cpu_relax();
     }
 
     // grad_b_dec (d_out == d_in), split by feature columns so each thread owns its outputs:

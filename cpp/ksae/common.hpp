@@ -230,6 +230,15 @@ inline void prefetch_row_for_write(const T* row, Index n) {
 #endif
 }
 
+// A spin-wait's pause: lets the core's other hardware thread (if any) run, and saves power.
+inline void cpu_relax() {
+#if defined(KSAE_HAVE_MXCSR)
+  _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 // Threads split the latents into contiguous ranges that start at multiples of this; the
 // backward's ranges are the encode's (up to 16384 latents), so each thread updates the rows
 // it multiplied.
