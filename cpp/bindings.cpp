@@ -522,12 +522,20 @@ bool all_finite_impl(const py::object& array, int n_threads) {
 // bounds and orders the encode relies on, and a looser bound or a wrong rank there would
 // only cost time or reorder ties, which the encode's own tests need not notice.
 template <class T>
+void require_no_nan(const T* v, Index n, const char* name) {
+  if (std::any_of(v, v + n, [](T x) { return std::isnan(x); })) {
+    throw py::value_error(std::string(name) + ": expected no NaN");
+  }
+}
+
+template <class T>
 double kth_largest_impl(const py::object& values, Index k) {
   const T* v = checked<T>(values, "values", {kAny});
   const Index n = dim(values, 0);
   if (k < 1 || k > n) {
     throw py::value_error("k: expected 1 <= k <= " + std::to_string(n) + ", got " + std::to_string(k));
   }
+  require_no_nan(v, n, "values");
   std::vector<T> order(static_cast<size_t>(n));
   return double(ksae::kth_largest(v, n, k, order.data()));
 }
@@ -539,6 +547,12 @@ py::object rank_top_k_impl(const py::object& keys, const py::object& indices, In
   const LatentIndex* index = checked<LatentIndex>(indices, "indices", {m});
   if (k < 1 || k > m) {
     throw py::value_error("k: expected 1 <= k <= " + std::to_string(m) + ", got " + std::to_string(k));
+  }
+  require_no_nan(key, m, "keys");
+  std::vector<LatentIndex> sorted(index, index + m);
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+    throw py::value_error("indices: expected distinct values");
   }
   std::vector<Index> out(static_cast<size_t>(k));
   if (!ksae::rank_top_k(key, index, m, k, out.data())) return py::none();

@@ -76,7 +76,10 @@ def test_rank_top_k_orders_the_k_best(dtype, kind):
     (_core._kth_largest, (np.zeros((2, 2), np.float32), 1)),
     (_core._rank_top_k, (np.zeros(4, np.float32), np.arange(3), 1)),
     (_core._rank_top_k, (np.zeros(4, np.float64), np.arange(4), 0)),
+    (_core._rank_top_k, (np.zeros(4, np.float32), np.array([0, 1, 1, 2]), 2)),
+    (_core._rank_top_k, (np.array([0, np.nan, 1, 2], np.float32), np.arange(4), 2)),
+    (_core._kth_largest, (np.array([0, np.nan, 1], np.float64), 1)),
 ])
 def test_counting_primitives_reject_bad_arguments(fn, args):
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError), match="values|keys|indices|k:"):
         fn(*args)
