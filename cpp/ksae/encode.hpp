@@ -5,6 +5,7 @@
 #include "gemm.hpp"
 #include "topk.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -230,6 +231,9 @@ void encode_topk(const T* X, Index batch, Index d_in, const T* W_enc_t, const T*
   }
 }
 
+// Rows per group of encode_topk_fused's merge (and per publication of a thread's fold).
+constexpr Index kMergeRows = 8;
+
 // The position of the lowest set bit of a non-zero mask.
 inline Index lowest_set_bit(std::uint32_t mask) {
 #if defined(_MSC_VER)
@@ -380,9 +384,14 @@ inline void fold_tile_row(const T* p, const T* bias, Index width, Index j0, Inde
 
 // encode_topk without the pre-activation matrix. Each thread walks its latent range in tiles
 // (tile_latents: ~1 MiB of products, in cache, for batches up to ~1000 rows), multiplies a tile into its own buffer and
-// folds every row of it into that row's running candidates (fold_tile_row). After a barrier
-// the rows are shared out and each row's candidates from all threads are cut to the k best
-// and sorted, exactly as select_topk_row orders them. The product tiles are those of the
+// folds every row of it into that row's running candidates (fold_tile_row). Then the rows
+// are merged in groups of kMergeRows, claimed in order by whichever thread is free, each
+// group as soon as every thread has folded its rows for the last time: each row's
+// candidates from all threads are cut to the k best and sorted, exactly as select_topk_row
+// orders them. (With a barrier before the merge instead, the thread that finished its walk
+// first waited there, a median 0.1 ms at (256, 784, 1000, 25) on 2 threads; merging behind
+// the other's fold made that encode 0.03-0.08 ms faster, measured in one process against
+// the barrier, old and new alternated every 40 steps.) The product tiles are those of the
 // materialising encode, so the two agree bitwise. Scratch: per thread one tile (batch x
 // (tile + kTileStep - 1)) and batch x capacity candidates, capacity = 2k + 16 (at most
 // n_latents).
@@ -405,6 +414,11 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i] = {kept.get() + i * capacity, 0, T(0), false};
   }
+  // Rows of the batch each thread has folded for the last time (published with release), and
+  // the next row group of the merge to be claimed.
+  std::unique_ptr<std::atomic<Index>[]> folded(new std::atomic<Index>[static_cast<size_t>(nt)]);
+  for (int t = 0; t < nt; ++t) folded[t].store(0, std::memory_order_relaxed);
+  std::atomic<Index> next_rows{0};
   int team = 1;
 #pragma omp parallel num_threads(nt)
   {
@@ -426,49 +440,67 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
       for_each_tile(c0, c1, tile, [&](Index j0, Index j1) {
         const Index width = j1 - j0;
         product.multiply(W_enc_t, j0, j1, buffer, width, tid);
+        const bool last = j1 == c1;
         for (Index r = 0; r < batch; ++r) {
           fold_tile_row(buffer + r * width, b_enc + j0, width, j0, k, capacity, key, mine[r],
-                        scratch, j1 == c1);
+                        scratch, last);
+          if (last && (r % kMergeRows == kMergeRows - 1 || r == batch - 1)) {
+            folded[tid].store(r + 1, std::memory_order_release);
+          }
         }
       });
     };
     with_selection_key<T>(act, walk);
-#pragma omp barrier
+    if (c0 == c1) folded[tid].store(batch, std::memory_order_release);  // no latents: no tiles
     std::vector<KeptEntry<T>> merged;
     std::vector<T> keys;
     std::vector<LatentIndex> latents;
     std::vector<Index> best(static_cast<size_t>(k));
-#pragma omp for schedule(static)
-    for (Index r = 0; r < batch; ++r) {
-      merged.clear();
-      for (int t = 0; t < team; ++t) {
-        const RowCandidates<T>& rc = rows[static_cast<size_t>(t) * batch + r];
-        merged.insert(merged.end(), rc.entries, rc.entries + rc.count);
+    // The merge, in groups of kMergeRows rows claimed in order by whichever thread is free;
+    // a group waits until every thread has folded its rows, so a thread that finished its
+    // walk early merges behind the others' folds instead of waiting at a barrier.
+    Index ready = 0;  // rows every thread has folded, as last seen
+    for (;;) {
+      const Index r0 = next_rows.fetch_add(kMergeRows, std::memory_order_relaxed);
+      if (r0 >= batch) break;
+      const Index r1 = std::min(batch, r0 + kMergeRows);
+      while (ready < r1) {
+        Index least = batch;
+        for (int t = 0; t < team; ++t) least = std::min(least, folded[t].load(std::memory_order_acquire));
+        ready = least;
+        if (ready < r1) cpu_relax();
       }
-      // Every thread kept at least min(k, its range) entries, so there are at least k.
-      const Index m = static_cast<Index>(merged.size());
-      keys.resize(static_cast<size_t>(m));
-      latents.resize(static_cast<size_t>(m));
-      for (Index i = 0; i < m; ++i) {
-        keys[i] = merged[i].key;
-        latents[i] = merged[i].index;
-      }
-      if (!rank_top_k(keys.data(), latents.data(), m, k, best.data())) {
-        if (m > k) {
-          std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(), preferred);
+      for (Index r = r0; r < r1; ++r) {
+        merged.clear();
+        for (int t = 0; t < team; ++t) {
+          const RowCandidates<T>& rc = rows[static_cast<size_t>(t) * batch + r];
+          merged.insert(merged.end(), rc.entries, rc.entries + rc.count);
         }
-        std::sort(merged.begin(), merged.begin() + k, preferred);
-        for (Index s = 0; s < k; ++s) best[s] = s;
+        // Every thread kept at least min(k, its range) entries, so there are at least k.
+        const Index m = static_cast<Index>(merged.size());
+        keys.resize(static_cast<size_t>(m));
+        latents.resize(static_cast<size_t>(m));
+        for (Index i = 0; i < m; ++i) {
+          keys[i] = merged[i].key;
+          latents[i] = merged[i].index;
+        }
+        if (!rank_top_k(keys.data(), latents.data(), m, k, best.data())) {
+          if (m > k) {
+            std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(), preferred);
+          }
+          std::sort(merged.begin(), merged.begin() + k, preferred);
+          for (Index s = 0; s < k; ++s) best[s] = s;
+        }
+        T* v = values + r * k;
+        for (Index s = 0; s < k; ++s) {
+          const KeptEntry<T>& e = merged[best[s]];
+          const T x = e.pre;
+          indices[r * k + s] = e.index;
+          if (selected_pre) selected_pre[r * k + s] = x;
+          v[s] = act == Activation::softmax ? x : activate(act, x);
+        }
+        if (act == Activation::softmax) normalize_softmax(v, k);
       }
-      T* v = values + r * k;
-      for (Index s = 0; s < k; ++s) {
-        const KeptEntry<T>& e = merged[best[s]];
-        const T x = e.pre;
-        indices[r * k + s] = e.index;
-        if (selected_pre) selected_pre[r * k + s] = x;
-        v[s] = act == Activation::softmax ? x : activate(act, x);
-      }
-      if (act == Activation::softmax) normalize_softmax(v, k);
     }
   }
 }
