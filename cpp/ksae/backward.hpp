@@ -348,6 +348,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
     for (Index u; (u = mine.take_front()) >= 0;) {
       encoder_pass(j_begin + u * unit, std::min(j_end, j_begin + (u + 1) * unit));
     }
+    SpinWait wait;
     for (bool waiting = team > 1; waiting;) {
       waiting = false;
       for (int o = 1; o < team; ++o) {
@@ -363,7 +364,7 @@ void backward_topk(const T* grad_out, const T* centered, const T* values,
           encoder_pass(lo + u * unit, std::min(hi, lo + (u + 1) * unit));
         }
       }
-      if (waiting) cpu_relax();
+      if (waiting) wait();
     }
 
     // grad_b_dec (d_out == d_in), split by feature columns so each thread owns its outputs:

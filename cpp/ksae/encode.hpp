@@ -460,6 +460,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
     // a group waits until every thread has folded its rows, so a thread that finished its
     // walk early merges behind the others' folds instead of waiting at a barrier.
     Index ready = 0;  // rows every thread has folded, as last seen
+    SpinWait wait;
     for (;;) {
       const Index r0 = next_rows.fetch_add(kMergeRows, std::memory_order_relaxed);
       if (r0 >= batch) break;
@@ -468,7 +469,7 @@ void encode_topk_fused(const T* X, Index batch, Index d_in, const T* W_enc_t, co
         Index least = batch;
         for (int t = 0; t < team; ++t) least = std::min(least, folded[t].load(std::memory_order_acquire));
         ready = least;
-        if (ready < r1) cpu_relax();
+        if (ready < r1) wait();
       }
       for (Index r = r0; r < r1; ++r) {
         merged.clear();
