@@ -518,6 +518,35 @@ bool all_finite_impl(const py::object& array, int n_threads) {
   return on_flat_array<T>(array, n_threads, ksae::all_finite<T>);
 }
 
+// The firing counts after a step on `n_samples` samples: every latent's count grows by
+// n_samples, then each latent that a code entry holds actively (value > above; value != 0
+// where `above` is None) is set to 0. Checked in full before anything is written.
+template <class T>
+void mark_fired_impl(const py::object& counts, const py::object& values, const py::object& indices,
+                     Index n_samples, const py::object& above) {
+  check_2d(values, "values");
+  const Index batch = dim(values, 0), k = dim(values, 1);
+  const T* v = checked<T>(values, "values", {batch, k});
+  const LatentIndex* idx = checked<LatentIndex>(indices, "indices", {batch, k});
+  LatentIndex* c = checked<LatentIndex>(counts, "counts", {kAny}, true);
+  const Index n = dim(counts, 0);
+  if (n_samples < 0) {
+    throw py::value_error("n_samples: expected a value >= 0, got " + std::to_string(n_samples));
+  }
+  check_indices(idx, batch * k, std::max<Index>(k, 1), n);
+  const bool threshold = !above.is_none();
+  if (threshold && !py::isinstance<py::float_>(above) && !py::isinstance<py::int_>(above)) {
+    throw py::type_error("above: expected a number or None, got " +
+                         std::string(py::str(py::type::handle_of(above).attr("__name__"))));
+  }
+  const T bar = threshold ? T(above.cast<double>()) : T(0);
+  py::gil_scoped_release release;
+  for (Index j = 0; j < n; ++j) c[j] += n_samples;
+  for (Index p = 0; p < batch * k; ++p) {
+    if (threshold ? v[p] > bar : v[p] != T(0)) c[idx[p]] = 0;
+  }
+}
+
 // The selection's counting primitives (topk.hpp), bound for the tests: their results are
 // bounds and orders the encode relies on, and a looser bound or a wrong rank there would
 // only cost time or reorder ties, which the encode's own tests need not notice.
@@ -839,6 +868,22 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), py::arg("n_threads") = 0,
       "Whether a C-contiguous float32/float64 array of any shape holds no NaN and no\n"
       "infinity (np.isfinite(array).all() without its temporary bool array).");
+
+  m.def(
+      "mark_fired",
+      [](const py::object& counts, const py::object& values, const py::object& indices,
+         Index n_samples, const py::object& above) {
+        require_array(values, "values");
+        is_float32(values) ? mark_fired_impl<float>(counts, values, indices, n_samples, above)
+                           : mark_fired_impl<double>(counts, values, indices, n_samples, above);
+      },
+      py::arg("counts"), py::arg("values"), py::arg("indices"), py::arg("n_samples"),
+      py::arg("above") = py::none(),
+      "Advance the samples-since-fired counts (int64, n_latents) by one step of n_samples\n"
+      "samples, in place: every count grows by n_samples, then the latent of each code entry\n"
+      "(values, indices: batch x k) whose value is above `above` (non-zero where above is\n"
+      "None) is set to 0. One call for what took an active mask, a boolean index and a\n"
+      "scatter in NumPy.");
 
   m.def(
       "_kth_largest",

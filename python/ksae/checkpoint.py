@@ -159,7 +159,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         model.n_iter_ = int(meta["n_iter"])
         model.threshold_ = meta["threshold"]
         model.history_, model.step_history_ = meta["history"], meta["step_history"]
-        model.samples_since_fired_ = tensors["samples_since_fired"].copy()
+        model.samples_since_fired_ = np.array(tensors["samples_since_fired"], dtype=np.int64)
         model._rng = np.random.default_rng()
         model._rng.bit_generator.state = meta["rng_state"]
         optimizer = make_optimizer(train_cfg)

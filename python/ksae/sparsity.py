@@ -96,7 +96,14 @@ def code_penalty(values: np.ndarray, indices: np.ndarray, cfg: ModelConfig,
     return 0.0, None
 
 
+def active_threshold(cfg: ModelConfig) -> float | None:
+    """The value a code entry must exceed to count as an active latent: SIGMOID_ACTIVE for
+    sparsity 'kl'; None for every other sparsity, where the non-zero entries count."""
+    return SIGMOID_ACTIVE if cfg.sparsity == "kl" else None
+
+
 def active_mask(values: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Which code entries count as an active latent (for L0 and dead-latent figures): non-zero
     values, or for sparsity 'kl' values above SIGMOID_ACTIVE."""
-    return values > SIGMOID_ACTIVE if cfg.sparsity == "kl" else values != 0
+    above = active_threshold(cfg)
+    return values != 0 if above is None else values > above

@@ -37,8 +37,9 @@ def as_float_matrix(X: Any, name: str, dtype: np.dtype | str, n_features: int | 
             f"{name}: expected {n_features} features (the model's d_in), got {arr.shape[1]} "
             f"(shape {arr.shape})")
     source = arr
-    with np.errstate(over="ignore"):  # values too large for dtype become inf: reported below
-        arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not (arr.flags.c_contiguous and arr.dtype == dtype):  # else already what is asked for
+        with np.errstate(over="ignore"):  # values too large for dtype become inf: reported below
+            arr = np.ascontiguousarray(arr, dtype=dtype)
     if not _core.all_finite(arr, n_threads):  # one pass; NumPy's check is the slow path
         bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
         if np.isfinite(source[bad]).all():
