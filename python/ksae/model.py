@@ -24,7 +24,8 @@ from .losses import add_weight_penalties, reconstruction_loss, sigmoid
 from .metrics import fraction_of_variance_explained
 from .optim import Adam, Optimizer, make_optimizer
 from .optim import clip_grad_norm as clip_gradients
-from .sparsity import active_threshold, code_penalty, jumprelu_threshold_gradient, jumprelu_values
+from .sparsity import (active_entries, active_threshold, code_penalty, jumprelu_threshold_gradient,
+                       jumprelu_values)
 from .validation import as_code, as_float_matrix
 
 PARAM_NAMES = ("W_enc_t", "b_enc", "W_dec", "b_dec")
@@ -72,7 +73,7 @@ class StepResult(NamedTuple):
     def active(self) -> np.ndarray:
         """Which code entries count as active latents (see ``ksae.sparsity.active_mask``),
         formed when asked for: fit's figures need it, partial_fit does not."""
-        return self.values != 0 if self.active_above is None else self.values > self.active_above
+        return active_entries(self.values, self.active_above)
 
 
 class SparseCode(NamedTuple):

@@ -102,8 +102,12 @@ def active_threshold(cfg: ModelConfig) -> float | None:
     return SIGMOID_ACTIVE if cfg.sparsity == "kl" else None
 
 
+def active_entries(values: np.ndarray, above: float | None) -> np.ndarray:
+    """The entries of ``values`` above ``above`` (the non-zero ones where it is None)."""
+    return values != 0 if above is None else values > above
+
+
 def active_mask(values: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Which code entries count as an active latent (for L0 and dead-latent figures): non-zero
     values, or for sparsity 'kl' values above SIGMOID_ACTIVE."""
-    above = active_threshold(cfg)
-    return values != 0 if above is None else values > above
+    return active_entries(values, active_threshold(cfg))
