@@ -6,10 +6,9 @@ import copy
 import math
 import operator
 import threading
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -83,6 +82,25 @@ class SparseCode(NamedTuple):
     """(n_samples, k) activations of the kept latents, in decreasing order."""
     indices: np.ndarray
     """(n_samples, k) int64 indices of the kept latents."""
+
+
+class _Scratch:
+    """SparseAutoencoder._scratch's context manager: a plain class, as the encode runs it
+    once a batch and a generator-based one (contextlib) cost more of the interpreter."""
+
+    __slots__ = ("model", "rows", "locked")
+
+    def __init__(self, model: "SparseAutoencoder", rows: int) -> None:
+        self.model, self.rows, self.locked = model, rows, False
+
+    def __enter__(self) -> dict[str, np.ndarray]:
+        self.locked = self.model._workspace_lock.acquire(blocking=False)
+        return self.model._buffers(self.rows) if self.locked else self.model._new_buffers(self.rows)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.locked:
+            self.locked = False
+            self.model._workspace_lock.release()
 
 
 class SparseAutoencoder:
@@ -440,17 +458,11 @@ class SparseAutoencoder:
     def _pre_buffer(self, rows: int) -> np.ndarray:
         return aligned_empty((rows, self._params["W_dec"].shape[0]), self._params["W_dec"].dtype)
 
-    @contextmanager
-    def _scratch(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
-        """The shared scratch arrays when no other thread is using them (the kernels run
-        without the GIL, so concurrent calls are real), otherwise private ones."""
-        if self._workspace_lock.acquire(blocking=False):
-            try:
-                yield self._buffers(rows)
-            finally:
-                self._workspace_lock.release()
-        else:
-            yield self._new_buffers(rows)
+    def _scratch(self, rows: int) -> "_Scratch":
+        """``with model._scratch(rows) as ws``: the shared scratch arrays when no other thread
+        is using them (the kernels run without the GIL, so concurrent calls are real),
+        otherwise private ones."""
+        return _Scratch(self, rows)
 
     def _train_step(self, batch: np.ndarray, cfg: ModelConfig, train_cfg: TrainConfig | None = None,
                     k: int | None = None) -> StepResult:
@@ -728,9 +740,13 @@ class SparseAutoencoder:
         X = as_float_matrix(X, "X", cfg.dtype, self.n_features_in_, nt)
         n = X.shape[0]
         k = self.code_width(cfg, self.inference_k(cfg))
+        chunk = _encode_chunk_rows(X.itemsize)
+        if n <= chunk:  # one call, whose arrays are the code
+            with self._scratch(n) as ws:
+                values, indices, _ = self._encode(X, k, cfg, nt, ws)
+            return SparseCode(values, indices)
         values = np.empty((n, k), dtype=cfg.dtype)
         indices = np.empty((n, k), dtype=np.int64)
-        chunk = _encode_chunk_rows(X.itemsize)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             with self._scratch(stop - start) as ws:
