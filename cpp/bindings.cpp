@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -205,6 +206,30 @@ py::array_t<T> output_array(const py::object& given, const char* name, Index row
   return py::reinterpret_borrow<py::array_t<T>>(given);
 }
 
+// Throws ValueError naming `name` when the `count`-element buffer `out` overlaps `in` (named
+// `in_name`), which has as many elements and is read while `out` is written.
+template <class T>
+void require_apart(const T* out, const T* in, Index count, const char* name,
+                   const char* in_name = "X") {
+  const auto a = reinterpret_cast<std::uintptr_t>(out), b = reinterpret_cast<std::uintptr_t>(in);
+  if ((a > b ? a - b : b - a) < static_cast<std::uintptr_t>(count) * sizeof(T)) {
+    throw py::value_error(std::string(name) + ": must not overlap " + in_name + " (" + in_name +
+                          " is read while " + name + " is written)");
+  }
+}
+
+// mark_fired's update, on checked arrays: counts (n) grow by n_samples, then the latent of
+// each of the `entries` code entries whose value is above `bar` (non-zero without a
+// threshold) is set to 0.
+template <class T>
+void advance_counts(LatentIndex* counts, Index n, const T* values, const LatentIndex* indices,
+                    Index entries, Index n_samples, bool threshold, T bar) {
+  for (Index j = 0; j < n; ++j) counts[j] += n_samples;
+  for (Index p = 0; p < entries; ++p) {
+    if (threshold ? values[p] > bar : values[p] != T(0)) counts[indices[p]] = 0;
+  }
+}
+
 template <class T>
 py::array decode_impl(const py::object& values, const py::object& indices,
                       const py::object& W_dec, const py::object& b_dec, int n_threads,
@@ -228,13 +253,7 @@ py::tuple decode_mse_impl(const py::object& values, const py::object& indices,
   const T* x = checked<T>(X, "X", {a.batch, a.d});
   py::array_t<T> g = output_array<T>(grad_out, "grad_out", a.batch, a.d);
   T* gp = g.mutable_data();
-  // Both are C-contiguous batch x d: they overlap when they start less than batch*d apart.
-  const auto gap = reinterpret_cast<std::uintptr_t>(gp) > reinterpret_cast<std::uintptr_t>(x)
-                       ? reinterpret_cast<std::uintptr_t>(gp) - reinterpret_cast<std::uintptr_t>(x)
-                       : reinterpret_cast<std::uintptr_t>(x) - reinterpret_cast<std::uintptr_t>(gp);
-  if (gap < static_cast<std::uintptr_t>(a.batch * a.d) * sizeof(T)) {
-    throw py::value_error("grad_out: must not overlap X (X is read while grad_out is written)");
-  }
+  require_apart(gp, x, a.batch * a.d, "grad_out");
   double loss;
   {
     py::gil_scoped_release release;
@@ -324,6 +343,27 @@ void backward_impl(const py::object& grad_out, const py::object& centered,
 // The four parameters' Adam moments, in the order W_enc_t, b_enc, W_dec, b_dec.
 constexpr const char* kParameterNames[4] = {"W_enc_t", "b_enc", "W_dec", "b_dec"};
 
+// The fused Adam update of the four parameters (already checked, with their shapes), its
+// moments checked against those shapes.
+template <class T>
+ksae::FusedAdam<T> fused_adam(T* const (&params)[4], const std::vector<Index> (&shapes)[4],
+                              const py::sequence& exp_avg, const py::sequence& exp_avg_sq,
+                              const ksae::AdamSettings& s, bool unit_norm_decoder) {
+  if (py::len(exp_avg) != 4 || py::len(exp_avg_sq) != 4) {
+    throw py::value_error("exp_avg, exp_avg_sq: expected 4 arrays each (W_enc_t, b_enc, W_dec, "
+                          "b_dec), got " + std::to_string(py::len(exp_avg)) + " and " +
+                          std::to_string(py::len(exp_avg_sq)));
+  }
+  ksae::FusedAdam<T> adam{params[0], params[1], params[2], params[3], {}, {},
+                          ksae::AdamCoefficients<T>(s), unit_norm_decoder};
+  for (int i = 0; i < 4; ++i) {
+    const std::string name = kParameterNames[i];
+    adam.m[i] = checked<T>(exp_avg[i], ("exp_avg[" + name + "]").c_str(), shapes[i], true);
+    adam.v[i] = checked<T>(exp_avg_sq[i], ("exp_avg_sq[" + name + "]").c_str(), shapes[i], true);
+  }
+  return adam;
+}
+
 template <class T>
 void backward_adam_impl(const py::object& grad_out, const py::object& centered,
                         const py::object& values, const py::object& indices,
@@ -343,18 +383,8 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
                   checked<T>(b_enc, "b_enc", shapes[1], true),
                   checked<T>(W_dec, "W_dec", shapes[2], true),
                   checked<T>(b_dec, "b_dec", shapes[3], true)};
-  if (py::len(exp_avg) != 4 || py::len(exp_avg_sq) != 4) {
-    throw py::value_error("exp_avg, exp_avg_sq: expected 4 arrays each (W_enc_t, b_enc, W_dec, "
-                          "b_dec), got " + std::to_string(py::len(exp_avg)) + " and " +
-                          std::to_string(py::len(exp_avg_sq)));
-  }
-  ksae::FusedAdam<T> adam{params[0], params[1], params[2], params[3], {}, {},
-                          ksae::AdamCoefficients<T>(s), unit_norm_decoder};
-  for (int i = 0; i < 4; ++i) {
-    const std::string name = kParameterNames[i];
-    adam.m[i] = checked<T>(exp_avg[i], ("exp_avg[" + name + "]").c_str(), shapes[i], true);
-    adam.v[i] = checked<T>(exp_avg_sq[i], ("exp_avg_sq[" + name + "]").c_str(), shapes[i], true);
-  }
+  const ksae::FusedAdam<T> adam =
+      fused_adam<T>(params, shapes, exp_avg, exp_avg_sq, s, unit_norm_decoder);
   T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {a.n}, true);
   T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {a.d_in}, true);
   py::gil_scoped_release release;
@@ -362,6 +392,66 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
                          a.W_dec, a.n, a.d_in, a.d_out, a.act, project_decoder_grad, n_threads,
                          nullptr, gbe, nullptr, gbd, false, a.selected_pre, a.grad_values,
                          a.grad_values_out, &adam);
+}
+
+// A whole TopK training step with Adam in one call (model.py's default step): encode,
+// decode_mse, and, when the loss is finite, backward_adam and mark_fired, with the GIL
+// released throughout. Between the four kernel calls the Python step spent 40-55 us a step at
+// (256, 784, 1000, 25), and around them as much again. Returns (loss, values, indices); when
+// the loss is not finite, only the scratch buffers (centered, grad_out, selected_pre) have
+// been written.
+template <class T>
+py::tuple train_step_adam_impl(const py::object& X, const py::object& W_enc_t,
+                               const py::object& b_enc, const py::object& W_dec,
+                               const py::object& b_dec, const py::sequence& exp_avg,
+                               const py::sequence& exp_avg_sq, const py::object& grad_b_enc,
+                               const py::object& grad_b_dec, const py::object& counts, Index k,
+                               const std::string& activation, bool normalize_decoder,
+                               int n_threads, const ksae::AdamSettings& s,
+                               const py::object& centered, const py::object& grad_out,
+                               const py::object& selected_pre) {
+  check_2d(W_enc_t, "W_enc_t");
+  check_2d(X, "X");
+  const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
+  const auto act = parse_activation(activation);
+  check_k(k, n);
+  const T* x = checked<T>(X, "X", {kAny, d});
+  const std::vector<Index> shapes[4] = {{n, d}, {n}, {n, d}, {d}};
+  T* params[4] = {checked<T>(W_enc_t, "W_enc_t", shapes[0], true),
+                  checked<T>(b_enc, "b_enc", shapes[1], true),
+                  checked<T>(W_dec, "W_dec", shapes[2], true),
+                  checked<T>(b_dec, "b_dec", shapes[3], true)};
+  const ksae::FusedAdam<T> adam =
+      fused_adam<T>(params, shapes, exp_avg, exp_avg_sq, s, normalize_decoder);
+  T* gbe = checked<T>(grad_b_enc, "grad_b_enc", {n}, true);
+  T* gbd = checked<T>(grad_b_dec, "grad_b_dec", {d}, true);
+  LatentIndex* fired = checked<LatentIndex>(counts, "counts", {n}, true);
+  T* c = checked<T>(centered, "centered", {batch, d}, true);
+  T* go = checked<T>(grad_out, "grad_out", {batch, d}, true);
+  require_apart(c, x, batch * d, "centered");
+  require_apart(go, x, batch * d, "grad_out");
+  require_apart(go, c, batch * d, "grad_out", "centered");
+  T* sp = optional_buffer<T>(selected_pre, "selected_pre", batch, k, true);
+  if (sp == nullptr && ksae::derivative_needs_pre(act)) {
+    throw py::value_error("selected_pre: the " + activation + " derivative needs room for the "
+                          "kept pre-activations");
+  }
+  CodeArrays<T> code(batch, k);
+  double loss;
+  {
+    py::gil_scoped_release release;
+    ksae::encode_topk<T>(x, batch, d, params[0], params[1], params[3], n, k, act, n_threads, c,
+                         nullptr, code.values_ptr, code.indices_ptr, sp);
+    loss = ksae::decode_mse<T>(code.values_ptr, code.indices_ptr, batch, k, params[2], params[3],
+                               x, d, n, n_threads, go);
+    if (std::isfinite(loss)) {
+      ksae::backward_topk<T>(go, c, code.values_ptr, code.indices_ptr, batch, k, params[0],
+                             params[2], n, d, d, act, normalize_decoder, n_threads, nullptr, gbe,
+                             nullptr, gbd, false, sp, nullptr, nullptr, &adam);
+      advance_counts(fired, n, code.values_ptr, code.indices_ptr, batch * k, batch, false, T(0));
+    }
+  }
+  return py::make_tuple(loss, code.values, code.indices);
 }
 
 template <class T>
@@ -541,10 +631,7 @@ void mark_fired_impl(const py::object& counts, const py::object& values, const p
   }
   const T bar = threshold ? T(above.cast<double>()) : T(0);
   py::gil_scoped_release release;
-  for (Index j = 0; j < n; ++j) c[j] += n_samples;
-  for (Index p = 0; p < batch * k; ++p) {
-    if (threshold ? v[p] > bar : v[p] != T(0)) c[idx[p]] = 0;
-  }
+  advance_counts(c, n, v, idx, batch * k, n_samples, threshold, bar);
 }
 
 // The selection's counting primitives (topk.hpp), bound for the tests: their results are
@@ -781,6 +868,43 @@ PYBIND11_MODULE(_core, m) {
       "b_dec too (their gradients are written to grad_b_enc and grad_b_dec). Every parameter\n"
       "and moment ends bitwise as backward followed by adam_update on each would leave it.\n"
       "exp_avg and exp_avg_sq hold the moments of W_enc_t, b_enc, W_dec, b_dec in that order.");
+
+  m.def(
+      "train_step_adam",
+      [](const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
+         const py::object& W_dec, const py::object& b_dec, const py::sequence& exp_avg,
+         const py::sequence& exp_avg_sq, const py::object& grad_b_enc,
+         const py::object& grad_b_dec, const py::object& counts, Index k,
+         const std::string& activation, bool normalize_decoder, int n_threads, double lr,
+         double beta1, double beta2, double eps, double weight_decay, long long step,
+         const py::object& centered, const py::object& grad_out,
+         const py::object& selected_pre) {
+        const ksae::AdamSettings s{lr, beta1, beta2, eps, weight_decay, step};
+        check_adam(s);
+        require_array(X, "X");
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          return train_step_adam_impl<T>(X, W_enc_t, b_enc, W_dec, b_dec, exp_avg, exp_avg_sq,
+                                         grad_b_enc, grad_b_dec, counts, k, activation,
+                                         normalize_decoder, n_threads, s, centered, grad_out,
+                                         selected_pre);
+        };
+        return is_float32(X) ? run(0.0f) : run(0.0);
+      },
+      py::arg("X"), py::arg("W_enc_t"), py::arg("b_enc"), py::arg("W_dec"), py::arg("b_dec"),
+      py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad_b_enc"), py::arg("grad_b_dec"),
+      py::arg("counts"), py::arg("k"), py::arg("activation"), py::arg("normalize_decoder"),
+      py::arg("n_threads"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("step"), py::arg("centered"), py::arg("grad_out"),
+      py::arg("selected_pre") = py::none(),
+      "One TopK training step with Adam on the batch X, in one call: encode (k latents per\n"
+      "row), decode_mse against X, then, if the loss is finite, backward_adam (Adam update\n"
+      "number `step`; normalize_decoder both projects W_dec's gradient and renormalises its\n"
+      "rows) and mark_fired (counts advance by the batch's rows; a latent fires where its value\n"
+      "is non-zero). Returns (loss, values, indices), each bitwise what those calls in turn give\n"
+      "and leave. When the loss is not finite nothing but the buffers centered, grad_out\n"
+      "(batch x d_in, apart from X) and selected_pre is written. grad_b_enc and grad_b_dec\n"
+      "receive the biases' gradients.");
 
   m.def(
       "select_topk",

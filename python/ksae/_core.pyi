@@ -45,6 +45,16 @@ def backward_adam(
     grad_values: NDArray[np.floating] | None = None,
     grad_values_out: NDArray[np.floating] | None = None,
 ) -> None: ...
+def train_step_adam(
+    X: NDArray[np.floating], W_enc_t: NDArray[np.floating], b_enc: NDArray[np.floating],
+    W_dec: NDArray[np.floating], b_dec: NDArray[np.floating],
+    exp_avg: Sequence[NDArray[np.floating]], exp_avg_sq: Sequence[NDArray[np.floating]],
+    grad_b_enc: NDArray[np.floating], grad_b_dec: NDArray[np.floating],
+    counts: NDArray[np.int64], k: int, activation: str, normalize_decoder: bool,
+    n_threads: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    step: int, centered: NDArray[np.floating], grad_out: NDArray[np.floating],
+    selected_pre: NDArray[np.floating] | None = None,
+) -> tuple[float, NDArray[np.floating], NDArray[np.int64]]: ...
 def select_topk(
     pre: NDArray[np.floating], bias: NDArray[np.floating], k: int, activation: str = "relu",
     n_threads: int = 0, selected_pre: NDArray[np.floating] | None = None,

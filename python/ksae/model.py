@@ -474,6 +474,8 @@ class SparseAutoencoder:
 
     def _locked_train_step(self, batch: np.ndarray, cfg: ModelConfig, train_cfg: TrainConfig,
                            k: int) -> StepResult:
+        if self._fuses_step(cfg, train_cfg):
+            return self._fused_step(batch, cfg, k)
         p, g, nt = self._params, self._grads, self._threads(cfg)
         auxk = train_cfg.auxk_coef > 0
         ws = self._buffers(batch.shape[0], pre=auxk)
@@ -546,6 +548,32 @@ class SparseAutoencoder:
                             cfg.activation, cfg.normalize_decoder, cfg.normalize_decoder, nt,
                             opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay,
                             opt.n_steps, selected_pre, grad_values)
+
+    def _fuses_step(self, cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
+        """Whether the whole step is one kernel call (_core.train_step_adam): topk on the
+        clean batch, the MSE of the linear output, and an Adam update that fuses into the
+        backward (see _fuses_adam)."""
+        return (cfg.sparsity == "topk" and not train_cfg.input_dropout
+                and self._linear_mse(cfg, train_cfg) and self._fuses_adam(train_cfg, None))
+
+    def _fused_step(self, batch: np.ndarray, cfg: ModelConfig, k: int) -> StepResult:
+        """The step of _locked_train_step in one kernel call, bitwise the same: encode,
+        decode_mse, backward_adam and mark_fired without the interpreter between them (that
+        Python took 0.13-0.16 ms of a 3.8 ms step at (256, 784, 1000, 25)). On a non-finite
+        loss the kernel updates nothing and the step raises as the unfused one does."""
+        p, g, opt, rows = self._params, self._grads, self._optimizer, batch.shape[0]
+        ws = self._buffers(rows)
+        exp_avg, exp_avg_sq = opt.moments(p)
+        loss, values, indices = _core.train_step_adam(
+            batch, p["W_enc_t"], p["b_enc"], p["W_dec"], p["b_dec"], exp_avg, exp_avg_sq,
+            g["b_enc"], g["b_dec"], self.samples_since_fired_, k, cfg.activation,
+            cfg.normalize_decoder, self._threads(cfg), opt.lr, opt.betas[0], opt.betas[1],
+            opt.eps, opt.weight_decay, opt.n_steps + 1, ws["centered"], ws["x_hat"],
+            self._selected_pre_buffer(rows, k, cfg))
+        self._check_finite("loss", loss)
+        opt.n_steps += 1
+        self.n_iter_ += 1
+        return StepResult(loss, values, indices, 0.0, 0.0, None)
 
     @staticmethod
     def _linear_mse(cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
