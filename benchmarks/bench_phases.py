@@ -5,10 +5,12 @@ encode with its product and selection, the sparse decode, the loss, the backward
 update of all four parameters) next to the bare NumPy product ``X @ W_enc`` and the whole
 step, each thread count in a fresh child process with every pool pinned (see harness.py).
 
-Each phase is first timed alone, called over and over, so its data stays in cache. A second
-table times the same kernels inside real ``partial_fit`` steps (the fused step: backward and
-Adam in one kernel), where each finds the caches as the other phases left them; "Python and
-the rest" is what the step spends outside them. A third figure, "Adam at cache speed", is
+Each phase is first timed alone, called over and over, so its data stays in cache; "step" is
+the default ``partial_fit`` step, which makes all its kernels one call
+(``_core.train_step_adam``). A second table times the kernels inside real ``partial_fit``
+steps made with the kernels called one by one (encode, decode_mse, backward_adam with Adam
+fused in, mark_fired), where each finds the caches as the other phases left them; "Python and
+the rest" is what that step spends outside them, and "one call" the default step again. A third figure, "Adam at cache speed", is
 the Adam update's arithmetic alone: the update of an L2-sized slice on one thread, scaled to
 the model's parameter count and divided by the thread count. Against the in-step backward it shows what the memory traffic of the
 parameters and moments costs.
@@ -28,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, median, parse_shape, pin_threads, run_json_child, time_calls  # noqa: E402
 
 PHASES = ("floor", "step", "encode", "decode", "loss", "backward", "adam")
-IN_STEP = ("encode", "decode_mse", "decode", "loss", "backward_adam")  # "-": not called
+IN_STEP = ("encode", "decode_mse", "decode", "loss", "backward_adam", "mark_fired")  # "-": not called
 
 
 def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
     """Median seconds of the whole step and of each kernel it calls, timed inside real
-    partial_fit steps: the model's module sees a view of _core (and of its loss) that times
-    every call."""
+    partial_fit steps that call the kernels one by one (the default step makes them one
+    call): the model's module sees a view of _core (and of its loss) that times every call."""
     import ksae.model as model_module
 
     calls: dict[str, list[float]] = {}
@@ -57,10 +59,12 @@ def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
     core, loss = model_module._core, model_module.reconstruction_loss
     model_module._core = TimedCore(core)
     model_module.reconstruction_loss = timed("loss", loss)
+    sae._fuses_step = lambda *args: False  # an instance attribute: this model only
     try:
         steps = time_calls(lambda: sae.partial_fit(X), seconds)
     finally:
         model_module._core, model_module.reconstruction_loss = core, loss
+        del sae._fuses_step
     n = len(steps)  # time_calls' warm-up calls came first: keep the timed steps' calls
     out = {name: median(samples[-n:]) for name, samples in calls.items()}
     out["step"] = median(steps)
@@ -158,18 +162,19 @@ def main() -> None:
         rest = r["step"] - r["encode"] - r["decode"] - r["loss"] - r["backward"] - r["adam"]
         print(f"| {n} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES)
               + f" | {r['step'] / r['floor']:.2f}x | {rest:.2f} |", flush=True)
-    print("\nThe same kernels inside partial_fit steps (same children):\n")
+    print("\nThe kernels inside partial_fit steps that call them one by one (same children):\n")
     print("| threads | floor | step | " + " | ".join(IN_STEP)
-          + " | Python and the rest | step / floor | Adam at cache speed |")
-    print("|---" * (len(IN_STEP) + 6) + "|")
+          + " | Python and the rest | step / floor | one call | one call / floor"
+          " | Adam at cache speed |")
+    print("|---" * (len(IN_STEP) + 8) + "|")
     for n, r in results.items():
         parts = [r.get(f"in_step_{name}") for name in IN_STEP]
         step = r["in_step_step"]
         cells = " | ".join("-" if v is None else f"{v:.2f}" for v in parts)
         parts = [v for v in parts if v is not None]
         print(f"| {n} | {r['floor']:.2f} | {step:.2f} | " + cells
-              + f" | {step - sum(parts):.2f} | {step / r['floor']:.2f}x"
-              f" | {r['adam_at_cache_speed']:.2f} |")
+              + f" | {step - sum(parts):.2f} | {step / r['floor']:.2f}x | {r['step']:.2f}"
+              f" | {r['step'] / r['floor']:.2f}x | {r['adam_at_cache_speed']:.2f} |")
 
 
 if __name__ == "__main__":
