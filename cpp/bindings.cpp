@@ -15,6 +15,7 @@
 #include "ksae/diagnostics.hpp"
 #include "ksae/encode.hpp"
 #include "ksae/optim.hpp"
+#include "ksae/rows.hpp"
 
 namespace py = pybind11;
 using ksae::Index;
@@ -608,6 +609,33 @@ bool all_finite_impl(const py::object& array, int n_threads) {
   return on_flat_array<T>(array, n_threads, ksae::all_finite<T>);
 }
 
+// X[rows] into `out` (allocated when None): X (n x d) C-contiguous, rows int64 (m,) in
+// [0, n), out (m x d) in X's dtype, apart from X. Checked in full before anything is written.
+template <class T>
+py::array take_rows_impl(const py::object& X, const py::object& rows, int n_threads,
+                         const py::object& out) {
+  check_2d(X, "X");
+  const Index n = dim(X, 0), d = dim(X, 1);
+  const T* x = checked<T>(X, "X", {n, d});
+  const LatentIndex* r = checked<LatentIndex>(rows, "rows", {kAny});
+  const Index m = dim(rows, 0);
+  for (Index i = 0; i < m; ++i) {
+    if (r[i] < 0 || r[i] >= n) {
+      throw py::index_error("rows: entry " + std::to_string(i) + " = " + std::to_string(r[i]) +
+                            " is outside [0, " + std::to_string(n) + ")");
+    }
+  }
+  py::array_t<T> result = output_array<T>(out, "out", m, d);
+  T* o = result.mutable_data();
+  const auto a = reinterpret_cast<std::uintptr_t>(o), b = reinterpret_cast<std::uintptr_t>(x);
+  if (m > 0 && a < b + sizeof(T) * std::uintptr_t(n * d) && b < a + sizeof(T) * std::uintptr_t(m * d)) {
+    throw py::value_error("out: must not overlap X (X is read while out is written)");
+  }
+  py::gil_scoped_release release;
+  ksae::take_rows<T>(x, d, r, m, n_threads, o);
+  return std::move(result);
+}
+
 // The firing counts after a step on `n_samples` samples: every latent's count grows by
 // n_samples, then each latent that a code entry holds actively (value > above; value != 0
 // where `above` is None) is set to 0. Checked in full before anything is written.
@@ -992,6 +1020,18 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), py::arg("n_threads") = 0,
       "Whether a C-contiguous float32/float64 array of any shape holds no NaN and no\n"
       "infinity (np.isfinite(array).all() without its temporary bool array).");
+
+  m.def(
+      "take_rows",
+      [](const py::object& X, const py::object& rows, int n_threads, const py::object& out) {
+        require_array(X, "X");
+        return is_float32(X) ? take_rows_impl<float>(X, rows, n_threads, out)
+                             : take_rows_impl<double>(X, rows, n_threads, out);
+      },
+      py::arg("X"), py::arg("rows"), py::arg("n_threads") = 0, py::arg("out") = py::none(),
+      "X[rows] for a C-contiguous float32/float64 matrix X and int64 row numbers (m,), as a new\n"
+      "(m, d) array or into `out`: the rows a shuffled batch takes, copied on n_threads with\n"
+      "several rows in flight per thread (NumPy's fancy indexing fetches one at a time).");
 
   m.def(
       "mark_fired",

@@ -1180,3 +1180,46 @@ def test_backward_accumulate_adds_a_second_codes_gradients(rng, project):
     _core.backward(g2, centered, v2, i2, p["W_enc_t"], p["W_dec"], "relu", project, 2, *total, True)
     for t, a, b in zip(total, first, second):
         np.testing.assert_allclose(t, a + b, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ take_rows
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("shape, m", [((1, 1), 1), ((7, 3), 0), ((7, 3), 20), ((500, 37), 64),
+                                      ((3000, 5), 3000)])
+def test_take_rows_equals_fancy_indexing(rng, dtype, n_threads, shape, m):
+    X = np.ascontiguousarray(rng.standard_normal(shape), dtype=dtype)
+    rows = rng.integers(0, shape[0], m).astype(np.int64)  # repeats included
+    got = _core.take_rows(X, rows, n_threads)
+    assert got.dtype == np.dtype(dtype) and got.shape == (m, shape[1])
+    np.testing.assert_array_equal(got, X[rows])
+    out = np.full((m, shape[1]), np.nan, dtype=dtype)
+    assert _core.take_rows(X, rows, n_threads, out) is out
+    np.testing.assert_array_equal(out, X[rows])
+
+
+@pytest.mark.parametrize("replace, error, match", [
+    ({"rows": np.array([0, 3, 7])}, IndexError, r"^rows: entry 2 = 7 is outside \[0, 7\)"),
+    ({"rows": np.array([-1])}, IndexError, r"^rows: entry 0 = -1 is outside"),
+    ({"rows": np.array([0, 1], dtype=np.int32)}, TypeError, r"^rows: .*int64"),
+    ({"rows": [0, 1]}, TypeError, r"^rows: expected a numpy array, got list"),
+    ({"rows": np.array([[0], [1]])}, ValueError, r"^rows: .*\(\*,\).*\(2, 1\)"),
+    ({"out": np.empty((3, 4))}, ValueError, r"^out: .*\(2, 3\)"),
+    ({"out": np.empty((2, 3), np.float32)}, TypeError, r"^out: .*float64"),
+    ({"X": np.asfortranarray(np.ones((7, 3)))}, ValueError, r"^X: .*C-contiguous"),
+    ({"X": np.ones(7)}, ValueError, r"^X: "),
+])
+def test_take_rows_refuses_bad_input_and_writes_nothing(replace, error, match):
+    X = np.arange(21.0).reshape(7, 3)
+    out = np.full((2, 3), -1.0)
+    kwargs = {"X": X, "rows": np.array([4, 1]), "n_threads": 1, "out": out, **replace}
+    with pytest.raises(error, match=match):
+        _core.take_rows(**kwargs)
+    assert np.all(out == -1.0)
+
+
+def test_take_rows_refuses_an_out_that_overlaps_X():
+    X = np.arange(21.0).reshape(7, 3)
+    with pytest.raises(ValueError, match=r"^out: must not overlap X"):
+        _core.take_rows(X, np.array([4, 1]), 1, X[2:4])
+    np.testing.assert_array_equal(X, np.arange(21.0).reshape(7, 3))

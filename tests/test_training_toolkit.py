@@ -287,3 +287,39 @@ def test_batchtopk_threshold_round_trips_and_needs_relu(data, tmp_path):
     np.testing.assert_array_equal(loaded.encode(data.X[:20]).values, sae.encode(data.X[:20]).values)
     with pytest.raises(ValueError, match="batchtopk needs 'relu'"):
         small_model(sparsity="batchtopk", activation="tanh").fit(data.X, epochs=1)
+
+
+def two_pass_variance(X):
+    X64 = X.astype(np.float64)
+    return float(((X64 - X64.mean(axis=0)) ** 2).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 5), (3, 1), (40, 7), (3000, 33), (20000, 17)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_total_variance_matches_the_two_pass_sum(rng, dtype, shape, n_threads):
+    # fve's denominator: the shortcut (sum of squares less n * |mean|^2) agrees with the
+    # deviations summed in float64 (the largest shape spans several of squared_norm's chunks).
+    from ksae.training import total_variance
+
+    X = np.ascontiguousarray(rng.standard_normal(shape) * 3 + rng.standard_normal(shape[1]),
+                             dtype=dtype)
+    expected = two_pass_variance(X)
+    assert total_variance(X, n_threads) == pytest.approx(expected, rel=1e-10, abs=1e-300)
+
+
+@pytest.mark.parametrize("offset", [30.0, 1e4, 1e8])
+def test_total_variance_far_from_zero_keeps_its_digits(rng, offset):
+    # At 30 the shortcut's difference stands; at 1e4 and 1e8 it would lose 8 and every
+    # digit in float64 (sum(X**2) ~ 1e19 against 3000), so the deviations are summed.
+    from ksae.training import total_variance
+
+    X = rng.standard_normal((3000, 6)) + offset
+    assert total_variance(X) == pytest.approx(two_pass_variance(X), rel=1e-9)
+
+
+def test_total_variance_of_constant_columns_is_zero():
+    from ksae.training import total_variance
+
+    X = np.tile(np.float32([1.5, -2.0, 0.0]), (64, 1))
+    assert total_variance(X) == 0.0
