@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ksae/backward.hpp"
@@ -41,6 +42,7 @@ template <class T> const char* dtype_name();
 template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<double>() { return "float64"; }
 template <> const char* dtype_name<LatentIndex>() { return "int64"; }
+template <> const char* dtype_name<bool>() { return "bool"; }
 
 // Throws TypeError naming `name` unless `obj` is a numpy array.
 void require_array(const py::handle& obj, const char* name) {
@@ -636,6 +638,17 @@ py::array take_rows_impl(const py::object& X, const py::object& rows, int n_thre
   return std::move(result);
 }
 
+// `above` (None or a number) as (whether there is a threshold, the threshold in T).
+template <class T>
+std::pair<bool, T> activity_bar(const py::object& above) {
+  if (above.is_none()) return {false, T(0)};
+  if (!py::isinstance<py::float_>(above) && !py::isinstance<py::int_>(above)) {
+    throw py::type_error("above: expected a number or None, got " +
+                         std::string(py::str(py::type::handle_of(above).attr("__name__"))));
+  }
+  return {true, T(above.cast<double>())};
+}
+
 // The firing counts after a step on `n_samples` samples: every latent's count grows by
 // n_samples, then each latent that a code entry holds actively (value > above; value != 0
 // where `above` is None) is set to 0. Checked in full before anything is written.
@@ -652,14 +665,34 @@ void mark_fired_impl(const py::object& counts, const py::object& values, const p
     throw py::value_error("n_samples: expected a value >= 0, got " + std::to_string(n_samples));
   }
   check_indices(idx, batch * k, std::max<Index>(k, 1), n);
-  const bool threshold = !above.is_none();
-  if (threshold && !py::isinstance<py::float_>(above) && !py::isinstance<py::int_>(above)) {
-    throw py::type_error("above: expected a number or None, got " +
-                         std::string(py::str(py::type::handle_of(above).attr("__name__"))));
-  }
-  const T bar = threshold ? T(above.cast<double>()) : T(0);
+  const auto [threshold, bar] = activity_bar<T>(above);
   py::gil_scoped_release release;
   advance_counts(c, n, v, idx, batch * k, n_samples, threshold, bar);
+}
+
+// A training span's firing record (fit's RunningStats): fired (bool, n_latents) is set for
+// the latent of each code entry (values, indices: batch x k) whose value is above `above`
+// (non-zero where None), and the number of such entries is returned. One call for what took
+// an active mask, a boolean index, a scatter and a sum in NumPy: 90 us of a fit step at
+// (256, 784, 1000, 25), from caches the kernels had just filled (13 us in a loop).
+template <class T>
+Index note_fired_impl(const py::object& fired, const py::object& values,
+                      const py::object& indices, const py::object& above) {
+  check_2d(values, "values");
+  const Index batch = dim(values, 0), k = dim(values, 1);
+  const T* v = checked<T>(values, "values", {batch, k});
+  const LatentIndex* idx = checked<LatentIndex>(indices, "indices", {batch, k});
+  bool* f = checked<bool>(fired, "fired", {kAny}, true);
+  check_indices(idx, batch * k, std::max<Index>(k, 1), dim(fired, 0));
+  const auto [threshold, bar] = activity_bar<T>(above);
+  Index active = 0;
+  for (Index p = 0; p < batch * k; ++p) {
+    if (threshold ? v[p] > bar : v[p] != T(0)) {
+      f[idx[p]] = true;
+      ++active;
+    }
+  }
+  return active;
 }
 
 // The selection's counting primitives (topk.hpp), bound for the tests: their results are
@@ -1020,6 +1053,20 @@ PYBIND11_MODULE(_core, m) {
       py::arg("array"), py::arg("n_threads") = 0,
       "Whether a C-contiguous float32/float64 array of any shape holds no NaN and no\n"
       "infinity (np.isfinite(array).all() without its temporary bool array).");
+
+  m.def(
+      "note_fired",
+      [](const py::object& fired, const py::object& values, const py::object& indices,
+         const py::object& above) {
+        require_array(values, "values");
+        return is_float32(values) ? note_fired_impl<float>(fired, values, indices, above)
+                                  : note_fired_impl<double>(fired, values, indices, above);
+      },
+      py::arg("fired"), py::arg("values"), py::arg("indices"), py::arg("above") = py::none(),
+      "Note which latents a code fired, in place: fired (bool, n_latents) is set for the latent\n"
+      "of each code entry (values, indices: batch x k) whose value is above `above` (non-zero\n"
+      "where above is None). Returns the number of such entries. Checked in full before\n"
+      "anything is written.");
 
   m.def(
       "take_rows",

@@ -103,3 +103,80 @@ def test_model_counts_follow_its_codes(rng, sparsity):
         np.testing.assert_array_equal(result.active, active_mask(result.values, cfg))
     if sparsity == "topk":  # 3 of 24 latents a sample: some fired in the last batch, some not
         assert (sae.samples_since_fired_ == 0).any() and (sae.samples_since_fired_ > 0).any()
+
+
+# ------------------------------------------------- note_fired: fit's per-span firing record
+def numpy_note_fired(fired, values, indices, above):
+    """What RunningStats.add did in NumPy before note_fired: (fired after, active count)."""
+    out = fired.copy()
+    active = values != 0 if above is None else values > above
+    out[indices[active]] = True
+    return out, int(active.sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("above", [None, SIGMOID_ACTIVE, -0.25])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 10), (64, 16, 200), (5, 4, 4), (3, 0, 5)])
+def test_note_fired_matches_numpy(rng, dtype, above, shape):
+    batch, k, n_latents = shape
+    fired = rng.random(n_latents) < 0.2  # some already fired earlier in the span
+    if k:
+        values, indices = code(rng, batch, k, n_latents, dtype)
+    else:
+        values, indices = np.zeros((batch, 0), dtype), np.zeros((batch, 0), np.int64)
+    expected, count = numpy_note_fired(fired, values, indices, above)
+    assert _core.note_fired(fired, values, indices, above) == count
+    np.testing.assert_array_equal(fired, expected)
+
+
+def test_note_fired_counts_nan_as_non_zero_and_never_above():
+    values = np.array([[np.nan, 0.0], [np.nan, 1.0]], dtype=np.float32)
+    indices = np.array([[0, 1], [2, 3]])
+    for above in (None, 0.5):
+        fired = np.zeros(5, dtype=bool)
+        expected, count = numpy_note_fired(fired, values, indices, above)
+        assert _core.note_fired(fired, values, indices, above) == count
+        np.testing.assert_array_equal(fired, expected)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(indices=np.array([[0, 9]])), r"indices: entry \(0, 1\) = 9 is outside \[0, 4\)"),
+    (dict(indices=np.array([[0, 1]], dtype=np.int32)), r"indices: expected .*int64"),
+    (dict(fired=np.zeros(4, dtype=np.uint8)), r"fired: expected a C-contiguous bool array"),
+    (dict(fired=np.zeros((2, 2), dtype=bool)), r"fired: expected .*shape \(\*,\)"),
+    (dict(values=np.array([[0.5, 1.0]], dtype=np.float16)), r"values: expected .*float64"),
+    (dict(above=[0.5]), r"above: expected a number or None, got list"),
+])
+def test_note_fired_refuses_bad_input_and_leaves_the_record(bad, match):
+    args = dict(fired=np.zeros(4, dtype=bool), values=np.array([[0.5, 1.0]]),
+                indices=np.array([[0, 1]]), above=None)
+    args.update(bad)
+    before = args["fired"].copy()
+    with pytest.raises((TypeError, ValueError), match=match):
+        _core.note_fired(**args)
+    np.testing.assert_array_equal(args["fired"], before)
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "kl", "jumprelu", "batchtopk"])
+def test_fit_records_the_latents_its_codes_fired(rng, sparsity):
+    # The epoch's l0 and dead fraction, from RunningStats, against the codes of its steps.
+    from ksae.training import RunningStats
+
+    X = rng.standard_normal((60, 10)).astype(np.float32)
+    kwargs = dict(k=3) if sparsity != "kl" else dict(sparsity="kl", activation="sigmoid")
+    if sparsity in ("jumprelu", "batchtopk"):
+        kwargs["sparsity"] = sparsity
+    sae = ksae.SparseAutoencoder(n_latents=24, random_state=0, **kwargs)
+    sae.partial_fit(X[:20])
+    cfg, stats = sae.config, RunningStats(24, 10)
+    fired, active = np.zeros(24, dtype=bool), 0
+    for start in (20, 40):
+        result = sae._train_step(X[start:start + 20], cfg, ksae.TrainConfig())
+        stats.add(result)
+        mask = active_mask(result.values, cfg)
+        fired[result.indices[mask]] = True
+        active += int(mask.sum())
+    np.testing.assert_array_equal(stats.fired, fired)
+    assert stats.active == active and stats.samples == 40
+    record = stats.record(1.0)
+    assert record["l0"] == active / 40 and record["dead_fraction"] == 1 - fired.mean()

@@ -81,6 +81,10 @@ def mark_fired(
     counts: NDArray[np.int64], values: NDArray[np.floating], indices: NDArray[np.int64],
     n_samples: int, above: float | None = None,
 ) -> None: ...
+def note_fired(
+    fired: NDArray[np.bool_], values: NDArray[np.floating], indices: NDArray[np.int64],
+    above: float | None = None,
+) -> int: ...
 def take_rows(
     X: NDArray[np.floating], rows: NDArray[np.int64], n_threads: int = 0,
     out: NDArray[np.floating] | None = None,

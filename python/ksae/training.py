@@ -62,14 +62,14 @@ class RunningStats:
         self.started = time.perf_counter()
 
     def add(self, result) -> None:
-        active = result.active
         rows = result.values.shape[0]
-        self.fired[result.indices[active]] = True
+        # One kernel call: in a fit step NumPy's mask, index, scatter and sum took 90 us.
+        active = _core.note_fired(self.fired, result.values, result.indices, result.active_above)
         self.samples += rows
         self.sse += result.loss * rows * self.n_features
         self.auxk += result.auxk_loss * rows
         self.sparsity_loss += result.sparsity_loss * rows
-        self.active += float(active.sum())
+        self.active += float(active)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
