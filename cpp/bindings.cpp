@@ -148,17 +148,34 @@ struct CodeArrays {
   py::tuple tuple() const { return py::make_tuple(values, indices); }
 };
 
+// An encode's arguments, checked: a batch X (batch x d) for W_enc_t (n x d, checked by the
+// caller as it needs it), k latents kept per row, the activation's name.
+template <class T>
+struct EncodeArgs {
+  Index n, d, batch;
+  ksae::Activation act;
+  const T* x;
+
+  EncodeArgs(const py::object& X, const py::object& W_enc_t, Index k,
+             const std::string& activation) {
+    check_2d(W_enc_t, "W_enc_t");
+    check_2d(X, "X");
+    n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
+    act = parse_activation(activation);
+    check_k(k, n);
+    x = checked<T>(X, "X", {kAny, d});
+  }
+};
+
 template <class T>
 py::tuple encode_impl(const py::object& X, const py::object& W_enc_t, const py::object& b_enc,
                       const py::object& b_dec, Index k, const std::string& activation,
                       int n_threads, const py::object& centered, const py::object& pre,
                       const py::object& selected_pre) {
-  check_2d(W_enc_t, "W_enc_t");
-  check_2d(X, "X");
-  const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
-  const auto act = parse_activation(activation);
-  check_k(k, n);
-  const T* x = checked<T>(X, "X", {kAny, d});
+  const EncodeArgs<T> a(X, W_enc_t, k, activation);
+  const Index n = a.n, d = a.d, batch = a.batch;
+  const auto act = a.act;
+  const T* x = a.x;
   const T* w = checked<T>(W_enc_t, "W_enc_t", {n, d});
   const T* be = checked<T>(b_enc, "b_enc", {n});
   const T* bd = checked<T>(b_dec, "b_dec", {d});
@@ -399,8 +416,8 @@ void backward_adam_impl(const py::object& grad_out, const py::object& centered,
 
 // A whole TopK training step with Adam in one call (model.py's default step): encode,
 // decode_mse, and, when the loss is finite, backward_adam and mark_fired, with the GIL
-// released throughout. Between the four kernel calls the Python step spent 40-55 us a step at
-// (256, 784, 1000, 25), and around them as much again. Returns (loss, values, indices); when
+// released throughout: the four calls from Python cost 38-62 us more a step at
+// (256, 784, 1000, 25), alternated in one process. Returns (loss, values, indices); when
 // the loss is not finite, only the scratch buffers (centered, grad_out, selected_pre) have
 // been written.
 template <class T>
@@ -413,12 +430,10 @@ py::tuple train_step_adam_impl(const py::object& X, const py::object& W_enc_t,
                                int n_threads, const ksae::AdamSettings& s,
                                const py::object& centered, const py::object& grad_out,
                                const py::object& selected_pre) {
-  check_2d(W_enc_t, "W_enc_t");
-  check_2d(X, "X");
-  const Index n = dim(W_enc_t, 0), d = dim(W_enc_t, 1), batch = dim(X, 0);
-  const auto act = parse_activation(activation);
-  check_k(k, n);
-  const T* x = checked<T>(X, "X", {kAny, d});
+  const EncodeArgs<T> a(X, W_enc_t, k, activation);
+  const Index n = a.n, d = a.d, batch = a.batch;
+  const auto act = a.act;
+  const T* x = a.x;
   const std::vector<Index> shapes[4] = {{n, d}, {n}, {n, d}, {d}};
   T* params[4] = {checked<T>(W_enc_t, "W_enc_t", shapes[0], true),
                   checked<T>(b_enc, "b_enc", shapes[1], true),
