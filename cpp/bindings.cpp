@@ -653,6 +653,22 @@ py::array take_rows_impl(const py::object& X, const py::object& rows, int n_thre
   return std::move(result);
 }
 
+// (column sums, sum of all squares) of a C-contiguous (n x d) X, both in double.
+template <class T>
+py::tuple sums_and_squares_impl(const py::object& X, int n_threads) {
+  check_2d(X, "X");
+  const Index n = dim(X, 0), d = dim(X, 1);
+  const T* x = checked<T>(X, "X", {n, d});
+  py::array_t<double> sums(d);
+  double* s = sums.mutable_data();
+  double squares;
+  {
+    py::gil_scoped_release release;
+    squares = ksae::sums_and_squares<T>(x, n, d, n_threads, s);
+  }
+  return py::make_tuple(sums, squares);
+}
+
 // `above` (None or a number) as (whether there is a threshold, the threshold in T).
 template <class T>
 std::pair<bool, T> activity_bar(const py::object& above) {
@@ -1082,6 +1098,17 @@ PYBIND11_MODULE(_core, m) {
       "of each code entry (values, indices: batch x k) whose value is above `above` (non-zero\n"
       "where above is None). Returns the number of such entries. Checked in full before\n"
       "anything is written.");
+
+  m.def(
+      "sums_and_squares",
+      [](const py::object& X, int n_threads) {
+        require_array(X, "X");
+        return is_float32(X) ? sums_and_squares_impl<float>(X, n_threads)
+                             : sums_and_squares_impl<double>(X, n_threads);
+      },
+      py::arg("X"), py::arg("n_threads") = 0,
+      "(column sums, sum of all squares) of a C-contiguous float32/float64 matrix X, both in\n"
+      "float64, in one pass over X; bitwise the same for any thread count.");
 
   m.def(
       "take_rows",

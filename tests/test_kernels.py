@@ -1223,3 +1223,30 @@ def test_take_rows_refuses_an_out_that_overlaps_X():
     with pytest.raises(ValueError, match=r"^out: must not overlap X"):
         _core.take_rows(X, np.array([4, 1]), 1, X[2:4])
     np.testing.assert_array_equal(X, np.arange(21.0).reshape(7, 3))
+
+
+# ------------------------------------------------------------------------ sums_and_squares
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 3), (1023, 5), (1025, 17), (5000, 33)])
+def test_sums_and_squares_match_float64_and_any_thread_count(rng, dtype, shape):
+    X = np.ascontiguousarray(rng.standard_normal(shape) * 3 + 1, dtype=dtype)
+    X64 = X.astype(np.float64)
+    runs = [_core.sums_and_squares(X, n_threads) for n_threads in (1, 2, 3)]
+    sums, squares = runs[0]
+    assert sums.dtype == np.float64 and sums.shape == (shape[1],) and isinstance(squares, float)
+    np.testing.assert_allclose(sums, X64.sum(axis=0), rtol=1e-12, atol=1e-12 * shape[0])
+    assert squares == pytest.approx(float((X64 ** 2).sum()), rel=1e-13)
+    for other_sums, other_squares in runs[1:]:  # chunks summed in order: bitwise the same
+        np.testing.assert_array_equal(other_sums, sums)
+        assert other_squares == squares
+
+
+@pytest.mark.parametrize("X, error, match", [
+    (np.ones(4), ValueError, r"^X: expected a 2-D array"),
+    (np.ones((3, 2), dtype=np.int64), TypeError, r"^X: .*float64.*int64"),
+    (np.asfortranarray(np.ones((3, 2))), ValueError, r"^X: .*C-contiguous"),
+    ([[1.0]], TypeError, r"^X: expected a numpy array, got list"),
+])
+def test_sums_and_squares_refuses_bad_input(X, error, match):
+    with pytest.raises(error, match=match):
+        _core.sums_and_squares(X)

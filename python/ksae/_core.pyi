@@ -85,6 +85,9 @@ def note_fired(
     fired: NDArray[np.bool_], values: NDArray[np.floating], indices: NDArray[np.int64],
     above: float | None = None,
 ) -> int: ...
+def sums_and_squares(
+    X: NDArray[np.floating], n_threads: int = 0,
+) -> tuple[NDArray[np.float64], float]: ...
 def take_rows(
     X: NDArray[np.floating], rows: NDArray[np.int64], n_threads: int = 0,
     out: NDArray[np.floating] | None = None,
