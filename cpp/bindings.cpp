@@ -227,12 +227,15 @@ py::array_t<T> output_array(const py::object& given, const char* name, Index row
 }
 
 // Throws ValueError naming `name` when the `count`-element buffer `out` overlaps `in` (named
-// `in_name`), which has as many elements and is read while `out` is written.
+// `in_name`, `in_count` elements; as many as `out` by default), which is read while `out` is
+// written.
 template <class T>
 void require_apart(const T* out, const T* in, Index count, const char* name,
-                   const char* in_name = "X") {
+                   const char* in_name = "X", Index in_count = -1) {
+  if (in_count < 0) in_count = count;
   const auto a = reinterpret_cast<std::uintptr_t>(out), b = reinterpret_cast<std::uintptr_t>(in);
-  if ((a > b ? a - b : b - a) < static_cast<std::uintptr_t>(count) * sizeof(T)) {
+  if (count > 0 && in_count > 0 && a < b + std::uintptr_t(in_count) * sizeof(T) &&
+      b < a + std::uintptr_t(count) * sizeof(T)) {
     throw py::value_error(std::string(name) + ": must not overlap " + in_name + " (" + in_name +
                           " is read while " + name + " is written)");
   }
@@ -644,10 +647,7 @@ py::array take_rows_impl(const py::object& X, const py::object& rows, int n_thre
   }
   py::array_t<T> result = output_array<T>(out, "out", m, d);
   T* o = result.mutable_data();
-  const auto a = reinterpret_cast<std::uintptr_t>(o), b = reinterpret_cast<std::uintptr_t>(x);
-  if (m > 0 && a < b + sizeof(T) * std::uintptr_t(n * d) && b < a + sizeof(T) * std::uintptr_t(m * d)) {
-    throw py::value_error("out: must not overlap X (X is read while out is written)");
-  }
+  require_apart(o, x, m * d, "out", "X", n * d);
   py::gil_scoped_release release;
   ksae::take_rows<T>(x, d, r, m, n_threads, o);
   return std::move(result);
