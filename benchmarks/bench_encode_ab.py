@@ -21,7 +21,7 @@ rng = np.random.default_rng(0)
 sae = ksae.SparseAutoencoder(n_latents=n, k=k, random_state=0, n_threads=nt)
 X = rng.standard_normal((B, d), dtype=np.float32)
 sae.partial_fit(X)
-p = sae._params
+p = sae.state_.params
 W_enc = np.ascontiguousarray(p["W_enc_t"].T)
 centered = aligned_empty((B, d), np.float32); pre = aligned_empty((B, n), np.float32)
 args = (X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "relu", nt, centered)

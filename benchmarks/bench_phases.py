@@ -36,8 +36,10 @@ IN_STEP = ("encode", "decode_mse", "decode", "loss", "backward_adam", "mark_fire
 def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
     """Median seconds of the whole step and of each kernel it calls, timed inside real
     partial_fit steps that call the kernels one by one (the default step makes them one
-    call): the model's module sees a view of _core (and of its loss) that times every call."""
-    import ksae.model as model_module
+    call): the step's and the model state's modules see a view of _core (and of the loss)
+    that times every call."""
+    import ksae.state
+    import ksae.steps
 
     calls: dict[str, list[float]] = {}
 
@@ -56,15 +58,15 @@ def in_step(sae: Any, X: Any, seconds: float) -> dict[str, float]:
         def __getattr__(self, name: str) -> Any:
             return timed(name, getattr(self._core, name))
 
-    core, loss = model_module._core, model_module.reconstruction_loss
-    model_module._core = TimedCore(core)
-    model_module.reconstruction_loss = timed("loss", loss)
-    sae._fuses_step = lambda *args: False  # an instance attribute: this model only
+    core, loss, fuses = ksae.steps._core, ksae.steps.reconstruction_loss, ksae.steps.fuses_step
+    ksae.steps._core = ksae.state._core = TimedCore(core)
+    ksae.steps.reconstruction_loss = timed("loss", loss)
+    ksae.steps.fuses_step = lambda *args: False  # the kernels one by one
     try:
         steps = time_calls(lambda: sae.partial_fit(X), seconds)
     finally:
-        model_module._core, model_module.reconstruction_loss = core, loss
-        del sae._fuses_step
+        ksae.steps._core = ksae.state._core = core
+        ksae.steps.reconstruction_loss, ksae.steps.fuses_step = loss, fuses
     n = len(steps)  # time_calls' warm-up calls came first: keep the timed steps' calls
     out = {name: median(samples[-n:]) for name, samples in calls.items()}
     out["step"] = median(steps)
@@ -91,7 +93,7 @@ def adam_at_cache_speed(sae: Any, threads: int) -> float:
         for _ in range(calls):
             _core.adam_update(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 10, False, 1)
         samples.append((time.perf_counter() - t) / calls)
-    total = sum(value.size for value in sae._params.values())
+    total = sum(value.size for value in sae.state_.params.values())
     return median(samples) * total / n / threads
 
 
@@ -111,8 +113,8 @@ def child(shape: tuple[int, int, int, int], threads: int, seconds: float) -> dic
     X = rng.standard_normal((batch, d_in), dtype=np.float32)
     sae = ksae.SparseAutoencoder(n_latents, k, random_state=0, n_threads=threads)
     sae.partial_fit(X)
-    p, g = sae._params, sae._grads
-    ws = sae._buffers(batch)  # no pre-activation buffer: the encode fuses the selection
+    p, g = sae.state_.params, sae.state_.grads
+    ws = sae.state_.buffers(batch)  # no pre-activation buffer: the encode fuses the selection
     W_enc = np.ascontiguousarray(p["W_enc_t"].T)
     out: dict[str, float] = {}
     out["floor"] = median(time_calls(lambda: X @ W_enc, seconds))

@@ -62,9 +62,12 @@ def make_problem(shape: tuple[int, int, int, int], threads: int):
     X = np.random.default_rng(0).standard_normal((batch, d_in), dtype=np.float32)
     sae = ksae.SparseAutoencoder(n_latents=n_latents, k=k, random_state=0, n_threads=threads)
     # partial_fit would initialise too, but only by taking a step; the others must start
-    # from the weights before it. _initialize is what fit and partial_fit call.
-    sae._initialize(d_in, sae.config, X)
-    return X, sae
+    # from the weights before it: the model state's initialize, as fit and partial_fit do.
+    if not hasattr(ksae, "ModelState"):  # a ksae from before the estimator/trainer split (A/B runs)
+        sae._initialize(d_in, sae.config, X)
+        return X, sae
+    state = ksae.ModelState.initialize(sae.config, d_in, np.random.default_rng(0), X)
+    return X, ksae.SparseAutoencoder.from_state(state)
 
 
 def ksae_weights(sae) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 
 import ksae
 from ksae import _core
+from ksae.steps import train_step
 from ksae.sparsity import SIGMOID_ACTIVE, active_mask, active_threshold
 
 
@@ -97,7 +98,7 @@ def test_model_counts_follow_its_codes(rng, sparsity):
     for start in (20, 40):
         batch = X[start:start + 20]
         counts = sae.samples_since_fired_.copy()
-        result = sae._train_step(batch, cfg, ksae.TrainConfig())
+        result = train_step(sae.state_, batch, sae._optimizer, ksae.TrainConfig())
         expected = numpy_mark_fired(counts, result.values, result.indices, 20, active_threshold(cfg))
         np.testing.assert_array_equal(sae.samples_since_fired_, expected)
         np.testing.assert_array_equal(result.active, active_mask(result.values, cfg))
@@ -160,7 +161,7 @@ def test_note_fired_refuses_bad_input_and_leaves_the_record(bad, match):
 @pytest.mark.parametrize("sparsity", ["topk", "kl", "jumprelu", "batchtopk"])
 def test_fit_records_the_latents_its_codes_fired(rng, sparsity):
     # The epoch's l0 and dead fraction, from RunningStats, against the codes of its steps.
-    from ksae.training import RunningStats
+    from ksae.progress import RunningStats
 
     X = rng.standard_normal((60, 10)).astype(np.float32)
     kwargs = dict(k=3) if sparsity != "kl" else dict(sparsity="kl", activation="sigmoid")
@@ -171,7 +172,7 @@ def test_fit_records_the_latents_its_codes_fired(rng, sparsity):
     cfg, stats = sae.config, RunningStats(24, 10)
     fired, active = np.zeros(24, dtype=bool), 0
     for start in (20, 40):
-        result = sae._train_step(X[start:start + 20], cfg, ksae.TrainConfig())
+        result = train_step(sae.state_, X[start:start + 20], sae._optimizer, ksae.TrainConfig())
         stats.add(result)
         mask = active_mask(result.values, cfg)
         fired[result.indices[mask]] = True

@@ -82,7 +82,7 @@ def test_stream_cannot_be_split_and_must_match_the_model(data):
     sae = ksae.SparseAutoencoder(48, 4, random_state=0).fit(X[:, :10], epochs=1)
     with pytest.raises(ValueError, match="X: not the data|expected 10 features"):
         ksae.resume  # noqa: B018 - resume needs a checkpoint; width checks share training_rows
-        from ksae.training import training_rows
+        from ksae.batches import training_rows
         training_rows(ksae.NpyRowStream(path), "float32", sae.n_features_in_)
 
 

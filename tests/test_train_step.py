@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ksae
+import ksae.steps
 from ksae import _core
 
 from conftest import DTYPES, make_weights
@@ -186,11 +187,12 @@ def test_train_step_adam_refuses_bad_input_and_writes_nothing(rng, replace, erro
 
 # ------------------------------------------------------------------------------ the model
 def spy_on_core(monkeypatch):
-    """Count the model's _core calls by name."""
-    import ksae.model as model_module
+    """Count the model's _core calls by name (the step's, and the model state's encode)."""
+    import ksae.state
+    import ksae.steps
 
     calls: dict[str, int] = {}
-    core = model_module._core
+    core = ksae.steps._core
 
     class Spy:
         def __getattr__(self, name):
@@ -201,7 +203,8 @@ def spy_on_core(monkeypatch):
                 return fn(*args, **kwargs)
             return call
 
-    monkeypatch.setattr(model_module, "_core", Spy())
+    for module in (ksae.steps, ksae.state):
+        monkeypatch.setattr(module, "_core", Spy())
     return calls
 
 
@@ -253,15 +256,16 @@ def test_one_call_steps_train_bitwise_as_the_separate_kernels(rng, dtype, activa
         sae = ksae.SparseAutoencoder(n_latents=48, k=5, activation=activation, dtype=dtype,
                                      normalize_decoder=normalize_decoder, random_state=0,
                                      n_threads=2)
-        if not one_call_step:
-            sae._fuses_step = lambda *args: False
-        sae.fit(X, epochs=2, batch_size=32, lr=1e-2)
-        for start in range(0, 96, 24):
-            sae.partial_fit(X[start:start + 24], lr=5e-3)
+        with pytest.MonkeyPatch.context() as patch:
+            if not one_call_step:
+                patch.setattr(ksae.steps, "fuses_step", lambda *args: False)
+            sae.fit(X, epochs=2, batch_size=32, lr=1e-2)
+            for start in range(0, 96, 24):
+                sae.partial_fit(X[start:start + 24], lr=5e-3)
         models.append(sae)
     a, b = models
     for name in PARAMETERS:
-        np.testing.assert_array_equal(a._params[name], b._params[name], err_msg=name)
+        np.testing.assert_array_equal(a.state_.params[name], b.state_.params[name], err_msg=name)
         for key in ("exp_avg", "exp_avg_sq"):
             np.testing.assert_array_equal(a._optimizer.state[name][key],
                                           b._optimizer.state[name][key], err_msg=key)
@@ -274,13 +278,13 @@ def test_a_diverging_one_call_step_keeps_the_last_finite_state(rng):
     X = rng.standard_normal((32, 12)).astype(np.float32)
     sae = ksae.SparseAutoencoder(n_latents=40, k=4, random_state=0, n_threads=2)
     sae.partial_fit(X, lr=1e-2)
-    before = {name: a.copy() for name, a in sae._params.items()}
+    before = {name: a.copy() for name, a in sae.state_.params.items()}
     moments = {name: {key: a.copy() for key, a in entry.items()}
                for name, entry in sae._optimizer.state.items()}
     counts, steps = sae.samples_since_fired_.copy(), sae._optimizer.n_steps
     with pytest.raises(FloatingPointError, match="diverged at step 2"):
         sae.partial_fit(X * np.float32(1e30), lr=1e-2)
-    for name, a in sae._params.items():
+    for name, a in sae.state_.params.items():
         np.testing.assert_array_equal(a, before[name], err_msg=name)
     for name, entry in sae._optimizer.state.items():
         for key, a in entry.items():

@@ -9,7 +9,8 @@ import pytest
 
 import ksae
 from ksae import reference as ref
-from ksae.model import _encode_chunk_rows
+from ksae.state import encode_chunk_rows
+from ksae.steps import fuses_adam
 
 from conftest import ACTIVATIONS, THREADS, rel_err
 
@@ -176,10 +177,11 @@ def test_the_fused_adam_step_trains_exactly_as_the_separate_kernels(rng, optimiz
         sae.fit(X, epochs=3, batch_size=16, lr=1e-2, optimizer=optimizer, clip_grad_norm=clip)
         models.append(sae)
     fused, separate = models
-    assert fused._fuses_adam(ksae.TrainConfig(optimizer=optimizer), None)
-    assert not separate._fuses_adam(ksae.TrainConfig(optimizer=optimizer, clip_grad_norm=1e30), None)
-    for name in fused._params:
-        np.testing.assert_array_equal(fused._params[name], separate._params[name], err_msg=name)
+    assert fuses_adam(fused.state_, fused._optimizer, ksae.TrainConfig(optimizer=optimizer), None)
+    assert not fuses_adam(separate.state_, separate._optimizer,
+                          ksae.TrainConfig(optimizer=optimizer, clip_grad_norm=1e30), None)
+    for name in fused.state_.params:
+        np.testing.assert_array_equal(fused.state_.params[name], separate.state_.params[name], err_msg=name)
         for key in ("exp_avg", "exp_avg_sq"):
             np.testing.assert_array_equal(fused._optimizer.state[name][key],
                                           separate._optimizer.state[name][key], err_msg=key)
@@ -385,7 +387,7 @@ def test_decode_accepts_other_code_widths_and_checks_indices(trained):
 
 def test_encode_in_chunks_equals_row_by_row(rng):
     n_latents, d_in = 2**14, 8
-    chunk_rows = _encode_chunk_rows(8)
+    chunk_rows = encode_chunk_rows(8)
     n_rows = 1100
     assert chunk_rows < n_rows // 2  # the input spans several chunks (and a partial one)
     X = rng.standard_normal((n_rows, d_in))

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import ksae
+from ksae.dead_latents import auxk_backward
 from ksae.hygiene import geometric_median
 from ksae.schedules import make_schedule
+from ksae.steps import train_step
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def small_model(**kw):
 
 
 def params_of(sae):
-    return {name: p.copy() for name, p in sae._params.items()}
+    return {name: p.copy() for name, p in sae.state_.params.items()}
 
 
 def test_history_records_every_figure_per_epoch(data):
@@ -61,7 +63,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(data):
             callback=lambda r: snapshots.setdefault(r["epoch"], params_of(sae)))
     assert sae.stopped_epoch_ == 3 and sae.best_epoch_ == 1
     assert len(sae.history_["epoch"]) == 3
-    for name, p in sae._params.items():
+    for name, p in sae.state_.params.items():
         np.testing.assert_array_equal(p, snapshots[1][name])
 
 
@@ -71,8 +73,8 @@ def test_early_stopping_without_restore_keeps_the_last_weights(data):
     sae.fit(data.X[:1000], epochs=10, batch_size=100, validation_data=data.X[1000:],
             early_stopping_patience=2, early_stopping_min_delta=1e9, restore_best_weights=False,
             callback=lambda r: snapshots.__setitem__(r["epoch"], params_of(sae)))
-    assert not np.array_equal(sae._params["W_dec"], snapshots[1]["W_dec"])
-    np.testing.assert_array_equal(sae._params["W_dec"], snapshots[3]["W_dec"])
+    assert not np.array_equal(sae.state_.params["W_dec"], snapshots[1]["W_dec"])
+    np.testing.assert_array_equal(sae.state_.params["W_dec"], snapshots[3]["W_dec"])
 
 
 def test_early_stopping_needs_validation(data):
@@ -112,8 +114,8 @@ def test_gradient_clipping_bounds_each_update(data):
     sae.partial_fit(data.X[:100], lr=1e-12, optimizer="sgd", momentum=0.0)
     before = params_of(sae)
     sae._optimizer.lr = 1.0
-    sae._train_step(data.X[100:200], sae.config, ksae.TrainConfig(clip_grad_norm=1e-3))
-    change = np.sqrt(sum(np.sum((sae._params[n].astype(np.float64) - before[n]) ** 2) for n in before))
+    train_step(sae.state_, data.X[100:200], sae._optimizer, ksae.TrainConfig(clip_grad_norm=1e-3))
+    change = np.sqrt(sum(np.sum((sae.state_.params[n].astype(np.float64) - before[n]) ** 2) for n in before))
     assert change == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -197,16 +199,16 @@ def test_auxk_gradient_matches_finite_differences(rng):
     sae = ksae.SparseAutoencoder(n_latents=n, k=k, activation="tanh", dtype="float64",
                                  random_state=0, normalize_decoder=False)
     sae.partial_fit(X, lr=1e-12, optimizer="sgd", momentum=0.0)
-    p, dead = sae._params, np.arange(n) % 2 == 1
+    p, dead = sae.state_.params, np.arange(n) % 2 == 1
     sae.samples_since_fired_[:] = np.where(dead, 10**6, 0)
-    ws = sae._buffers(B, pre=True)
+    ws = sae.state_.buffers(B, pre=True)
     v, i = ksae._core.encode(X, p["W_enc_t"], p["b_enc"], p["b_dec"], k, "tanh", 1, ws["centered"], ws["pre"])
     X_hat = ksae._core.decode(v, i, p["W_dec"], p["b_dec"], 1)
     e = X - X_hat
-    for g in sae._grads.values():
+    for g in sae.state_.grads.values():
         g[...] = 0
-    loss = sae._auxk_backward(X, 2 * (X_hat - X) / X.size, ws, sae.config,
-                              ksae.TrainConfig(auxk_coef=1.0, auxk_k=k_aux, dead_after_samples=1), 1)
+    loss = auxk_backward(sae.state_, 2 * (X_hat - X) / X.size, ws,
+                         ksae.TrainConfig(auxk_coef=1.0, auxk_k=k_aux, dead_after_samples=1))
     _, sel = ksae._core.select_topk(ws["pre"], np.where(dead, p["b_enc"], -np.inf), k_aux, "tanh", 1)
 
     def aux_loss():
@@ -225,7 +227,7 @@ def test_auxk_gradient_matches_finite_differences(rng):
             flat[j] = old - 1e-6
             numeric[j] = (up - aux_loss()) / 2e-6
             flat[j] = old
-        np.testing.assert_allclose(sae._grads[name].reshape(-1), numeric, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(sae.state_.grads[name].reshape(-1), numeric, atol=1e-8, err_msg=name)
 
 
 def test_resampling_revives_dead_latents():
@@ -255,7 +257,7 @@ def test_k_curriculum_anneals_k_over_the_set_fraction(data):
 def test_batchtopk_keeps_k_times_batch_latents_per_batch(data):
     sae = small_model(sparsity="batchtopk")
     sae.partial_fit(data.X[:100], lr=1e-12)
-    result = sae._train_step(data.X[100:200], sae.config)
+    result = train_step(sae.state_, data.X[100:200], sae._optimizer)
     assert result.values.shape == (100, 12)  # candidates: max_k = 4k per sample
     assert np.count_nonzero(result.values) == 3 * 100  # the batch's budget, spread unevenly
     per_sample = np.count_nonzero(result.values, axis=1)
@@ -300,7 +302,7 @@ def two_pass_variance(X):
 def test_total_variance_matches_the_two_pass_sum(rng, dtype, shape, n_threads):
     # fve's denominator: the shortcut (sum of squares less n * |mean|^2) agrees with the
     # deviations summed in float64 (the largest shape spans several of squared_norm's chunks).
-    from ksae.training import total_variance
+    from ksae.batches import total_variance
 
     X = np.ascontiguousarray(rng.standard_normal(shape) * 3 + rng.standard_normal(shape[1]),
                              dtype=dtype)
@@ -312,14 +314,14 @@ def test_total_variance_matches_the_two_pass_sum(rng, dtype, shape, n_threads):
 def test_total_variance_far_from_zero_keeps_its_digits(rng, offset):
     # At 30 the shortcut's difference stands; at 1e4 and 1e8 it would lose 8 and every
     # digit in float64 (sum(X**2) ~ 1e19 against 3000), so the deviations are summed.
-    from ksae.training import total_variance
+    from ksae.batches import total_variance
 
     X = rng.standard_normal((3000, 6)) + offset
     assert total_variance(X) == pytest.approx(two_pass_variance(X), rel=1e-9)
 
 
 def test_total_variance_of_constant_columns_is_zero():
-    from ksae.training import total_variance
+    from ksae.batches import total_variance
 
     X = np.tile(np.float32([1.5, -2.0, 0.0]), (64, 1))
     assert total_variance(X) == 0.0

@@ -17,14 +17,16 @@ from .array_files import NpyRowStream, load_array
 from .datasets import ImageDataset, load_mnist, make_sparse_dictionary
 from .idx import read_idx
 from .metrics import dictionary_recovery, fraction_of_variance_explained
-from .model import SparseAutoencoder, SparseCode
+from .estimator import SparseAutoencoder
+from .state import ModelState, SparseCode
+from .exceptions import NotFittedError
 from .probe import LinearProbe
 from .classifier import SparseClassifier
 from .optim import SGD, Adam, RMSprop
 from .report import write_report
-from .serialization import load
-from .checkpoint import Checkpoint, load_checkpoint, resume
-from .training import TrainingInterrupted
+from .loading import Checkpoint, load, load_checkpoint, resume
+from .training import Trainer, TrainingInterrupted
+from .batches import BatchSource
 
 
 def has_openmp() -> bool:
@@ -64,7 +66,7 @@ def __getattr__(name: str) -> ModuleType:
 
 
 __all__ = [
-    "SparseAutoencoder", "SparseCode", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
+    "SparseAutoencoder", "SparseCode", "ModelState", "Trainer", "BatchSource", "NotFittedError", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
     "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
     "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
     "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "write_report",

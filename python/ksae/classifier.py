@@ -9,9 +9,11 @@ import numpy as np
 
 from . import _core
 from .buffers import aligned_copy, aligned_empty, aligned_zeros
+from .exceptions import not_fitted
 from .config import NEEDS_SELECTED_PRE, ModelConfig, TrainConfig, check_int, check_known_keys
 from .losses import softmax, softmax_cross_entropy
-from .model import SparseAutoencoder, _encode_chunk_rows
+from .estimator import SparseAutoencoder
+from .state import encode_chunk_rows
 from .optim import Optimizer, clip_grad_norm, make_optimizer
 from .schedules import make_schedule
 from .validation import as_float_matrix
@@ -76,8 +78,9 @@ class SparseClassifier:
                                 shuffle=shuffle, **options)
         cfg = self._encoder_config()
         n_classes = check_int("n_classes", self.n_classes, 2)
-        source = self.autoencoder._params
-        X = as_float_matrix(X, "X", cfg.dtype, source["W_dec"].shape[1])
+        source = self.autoencoder.state_.params
+        X = as_float_matrix(X, "X", cfg.dtype, source["W_dec"].shape[1],
+                            owner="SparseClassifier")
         y = as_labels(y, X.shape[0], n_classes)
         dtype = np.dtype(cfg.dtype)
         self._params = {"W_enc_t": aligned_copy(source["W_enc_t"]), "b_enc": aligned_copy(source["b_enc"]),
@@ -120,9 +123,8 @@ class SparseClassifier:
         if not isinstance(self.autoencoder, SparseAutoencoder):
             raise TypeError(f"autoencoder: expected a fitted ksae.SparseAutoencoder, got "
                             f"{type(self.autoencoder).__name__}")
-        self.autoencoder._fitted()
+        self.autoencoder.state_  # noqa: B018 - fitted, with weights its parameters describe
         cfg = self.autoencoder.config
-        self.autoencoder._check_architecture(cfg)
         if cfg.sparsity != "topk":
             raise ValueError(f"autoencoder: SparseClassifier fine-tunes a topk encoder; this one's "
                              f"sparsity is {cfg.sparsity!r}")
@@ -156,15 +158,16 @@ class SparseClassifier:
     # ----------------------------------------------------------------- inference
     def _fitted(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "_params"):
-            raise RuntimeError("This SparseClassifier is not fitted yet: call fit first")
+            raise not_fitted("SparseClassifier", "fit")
         return self._params
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The logits, (n_samples, n_classes)."""
         p = self._fitted()
-        X = as_float_matrix(X, "X", p["W_enc_t"].dtype, p["W_enc_t"].shape[1])
+        X = as_float_matrix(X, "X", p["W_enc_t"].dtype, p["W_enc_t"].shape[1],
+                            owner="SparseClassifier")
         logits = np.empty((X.shape[0], p["W_head"].shape[1]), dtype=X.dtype)
-        chunk = _encode_chunk_rows(X.itemsize)
+        chunk = encode_chunk_rows(X.itemsize)
         for start in range(0, X.shape[0], chunk):
             values, indices = _core.encode(X[start:start + chunk], p["W_enc_t"], p["b_enc"],
                                            self._centering, self._k, self._activation,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import ModelConfig, TrainConfig
+
 
 def mse_loss(X_hat: np.ndarray, X: np.ndarray, *, overwrite: bool = False) -> tuple[float, np.ndarray]:
     """Mean squared error over all elements, ``mean((X_hat - X)**2)``, and its gradient
@@ -63,6 +65,12 @@ def reconstruction_loss(X_hat: np.ndarray, X: np.ndarray, output_activation: str
     if output_activation == "sigmoid":
         return sigmoid_mse(X_hat, X)
     return mse_loss(X_hat, X, overwrite=True)
+
+
+def linear_mse(cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
+    """Whether a model trains on the MSE of its linear output: the loss the kernels'
+    decode_mse computes, and the residual AuxK reconstructs."""
+    return train_cfg.loss == "mse" and cfg.output_activation == "linear"
 
 
 def add_weight_penalties(params: dict[str, np.ndarray], grads: dict[str, np.ndarray],

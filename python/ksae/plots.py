@@ -27,9 +27,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
 from .metrics import best_cosine_similarities
+from .state import inference_k
 
 if TYPE_CHECKING:
-    from .model import SparseAutoencoder
+    from .estimator import SparseAutoencoder
 
 __all__ = [
     "plot_training_curves", "firing_frequencies", "plot_firing_histogram", "plot_decoder_tiles",
@@ -556,7 +557,7 @@ def write_run_plots(model: "SparseAutoencoder", run_dir: str | os.PathLike, X_te
         written.append(("Decoder rows as images, most frequently firing first", "decoder_tiles.png"))
         originals = np.asarray(X_test)[:10]
         cfg = model.config
-        label = f"k={cfg.k} (batchtopk)" if cfg.sparsity == "batchtopk" else f"k={model.inference_k(cfg)}"
+        label = f"k={cfg.k} (batchtopk)" if cfg.sparsity == "batchtopk" else f"k={inference_k(cfg)}"
         plot_reconstructions(originals, {label: model.reconstruct(originals)}, image_shape,
                              run_dir / "reconstructions.png", dpi=dpi)
         written.append(("Test samples (top) and their reconstructions", "reconstructions.png"))

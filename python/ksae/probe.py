@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .exceptions import not_fitted
 from .config import TrainConfig, check_int, check_positive_float
 from .losses import softmax, softmax_cross_entropy
 from .optim import make_optimizer
@@ -70,8 +71,8 @@ class LinearProbe:
     def predict_proba(self, Z: Any) -> np.ndarray:
         """Class probabilities, (n_samples, n_classes) in the order of ``classes_``."""
         if not hasattr(self, "coef_"):
-            raise RuntimeError("This LinearProbe is not fitted yet: call fit first")
-        Z = as_float_matrix(Z, "Z", self.dtype, self.coef_.shape[0])
+            raise not_fitted("LinearProbe", "fit")
+        Z = as_float_matrix(Z, "Z", self.dtype, self.coef_.shape[0], owner="LinearProbe")
         return softmax(Z @ self.coef_ + self.intercept_)
 
     def predict(self, Z: Any) -> np.ndarray:

@@ -17,7 +17,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -26,9 +27,7 @@ from safetensors.numpy import save as save_safetensors_bytes
 
 from . import __version__
 from .config import FORMAT_VERSION, ModelConfig
-
-if TYPE_CHECKING:
-    from .model import SparseAutoencoder
+from .state import ModelState
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -49,12 +48,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_model(model: "SparseAutoencoder", path: str | os.PathLike) -> Path:
-    """Save a fitted model to the directory ``path``; returns the directory."""
+def save_model(state: ModelState, path: str | os.PathLike,
+               history: dict[str, list] | None = None) -> Path:
+    """Save a model state (and its training ``history``) to the directory ``path``; returns
+    the directory."""
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"path: {str(directory)!r} exists and is not a directory")
-    meta, weights = model._state_for_saving()
+    meta = {"params": asdict(state.cfg), "n_iter": state.n_iter, "threshold": state.threshold,
+            "history": history or {}}
+    p = state.params
+    weights = {"W_enc": np.ascontiguousarray(p["W_enc_t"].T), "b_enc": p["b_enc"],
+               "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+    if "log_threshold" in p:  # jumprelu
+        weights["log_threshold"] = p["log_threshold"]
     blob = save_safetensors_bytes({name: np.ascontiguousarray(w) for name, w in weights.items()},
                                   metadata={"format": "ksae", "format_version": str(FORMAT_VERSION)})
     config = {"format": "ksae", "format_version": FORMAT_VERSION, "ksae_version": __version__,
@@ -65,12 +72,11 @@ def save_model(model: "SparseAutoencoder", path: str | os.PathLike) -> Path:
     return directory
 
 
-def load(path: str | os.PathLike) -> "SparseAutoencoder":
-    """Load a model saved with ``SparseAutoencoder.save``. Raises ``FileNotFoundError`` when
-    a file is missing and ``ValueError`` when a file is damaged, tampered with or from an
-    unknown format version."""
-    from .model import SparseAutoencoder
-
+def read_model(path: str | os.PathLike) -> tuple[ModelState, dict[str, Any]]:
+    """Read a model saved by ``save_model``: its state and its ``config.json`` (whose
+    ``history`` is the training history). Raises ``FileNotFoundError`` when a file is
+    missing and ``ValueError`` when a file is damaged, tampered with or from an unknown
+    format version."""
     directory = Path(path)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for p in (config_path, weights_path):
@@ -101,9 +107,11 @@ def load(path: str | os.PathLike) -> "SparseAutoencoder":
     except TypeError as exc:
         raise ValueError(f"{config_path}: bad params ({exc})") from None
     _check_weights(weights, cfg, weights_path)
-    model = SparseAutoencoder(**params)
-    model._restore(config, weights)
-    return model
+    state = ModelState(cfg, {"W_enc_t": weights["W_enc"].T, **weights})
+    state.n_iter = int(config.get("n_iter", 0))
+    threshold = config.get("threshold")
+    state.threshold = None if threshold is None else float(threshold)
+    return state, config
 
 
 def _check_weights(weights: dict[str, np.ndarray], cfg: ModelConfig, where: Path) -> None:
