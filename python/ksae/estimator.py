@@ -37,15 +37,12 @@ def _same_settings_but_lr(a: Optimizer, b: Optimizer) -> bool:
     return type(a) is type(b) and {**a.hyperparameters(), "lr": None} == {**b.hyperparameters(), "lr": None}
 
 
-def _partial_fit_config(model: "SparseAutoencoder", lr: float, optimizer: str,
-                        options: dict[str, Any]) -> TrainConfig:
+def _partial_fit_config(model: "SparseAutoencoder", options: dict[str, Any]) -> TrainConfig:
     """partial_fit's validated TrainConfig, reused while the arguments repeat (as in a loop
     of calls): building and validating it took 100 us of a 5 ms step. A change of settings
     other than lr makes a new optimizer (see partial_fit)."""
     try:  # types too: True == 1, but a flag given 1 must still be refused
-        key = (("lr", type(lr), lr), ("optimizer", type(optimizer), optimizer)) if not options \
-            else tuple((name, type(value), value) for name, value in
-                       sorted({**options, "lr": lr, "optimizer": optimizer}.items()))
+        key = tuple((name, type(value), value) for name, value in sorted(options.items()))
         hash(key)
     except TypeError:  # an unhashable option value: validate afresh
         key = None
@@ -53,7 +50,7 @@ def _partial_fit_config(model: "SparseAutoencoder", lr: float, optimizer: str,
     if key is not None and memo is not None and memo[0] == key:
         return memo[1]
     check_known_keys("partial_fit", options, _TRAIN_FIELDS)
-    train = TrainConfig(lr=lr, optimizer=optimizer, **options)
+    train = TrainConfig(**options)
     if key is not None:
         model._partial_fit_memo = (key, train)
     model._partial_fit_optimizer = None  # settings may have changed: compare them again
@@ -69,7 +66,9 @@ class SparseAutoencoder:
     gradients flowing through the kept latents only. ``sparsity`` picks how latents are kept:
     topk, batchtopk, jumprelu (a learned threshold per latent), or the dense classic ones (l1:
     relu with an L1 penalty on the code; kl: sigmoid with a KL-divergence penalty toward a
-    target mean activation). The parameters are the fields of :class:`ksae.config.ModelConfig`.
+    target mean activation). The parameters are the fields of :class:`ksae.config.ModelConfig`;
+    fields of :class:`ksae.config.TrainConfig` given too (``lr=3e-4, epochs=20``) become the
+    defaults of ``fit`` and ``partial_fit``, so that scikit-learn's searches can tune them.
 
     Fitted attributes: ``W_enc_`` (d_in, n_latents), ``b_enc_``, ``W_dec_`` (n_latents, d_in),
     ``b_dec_``, ``n_features_in_``, ``n_iter_`` (optimizer steps taken), ``history_``,
@@ -89,7 +88,7 @@ class SparseAutoencoder:
                  activation: str = "relu", init: str = "tied", normalize_decoder: bool = True,
                  output_activation: str = "linear", inference_k_scale: float = 1.0,
                  b_dec_init: str = "zeros", random_state: int | None = None, dtype: str = "float32",
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, **training: Any) -> None:
         self.n_latents = n_latents
         self.k = k
         self.sparsity = sparsity
@@ -104,21 +103,33 @@ class SparseAutoencoder:
         self.random_state = random_state
         self.dtype = dtype
         self.n_threads = n_threads
+        unknown = [name for name in training if name not in _TRAIN_FIELDS]
+        if unknown:
+            raise TypeError(f"SparseAutoencoder: unexpected argument(s) {unknown}; expected the "
+                            f"fields of ModelConfig ({', '.join(_MODEL_FIELDS)}) or TrainConfig")
+        self._training = training
         self._state: ModelState | None = None
         self._optimizer: Optimizer | None = None
 
     # ----------------------------------------------------------------- parameters
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor arguments, as scikit-learn's ``get_params`` returns them."""
-        return {name: getattr(self, name) for name in _MODEL_FIELDS}
+        """The constructor arguments (the training defaults given too), as scikit-learn's
+        ``get_params`` returns them."""
+        return {**{name: getattr(self, name) for name in _MODEL_FIELDS}, **self._training}
 
     def set_params(self, **params: Any) -> "SparseAutoencoder":
-        """Set constructor arguments; unknown names raise a ValueError with suggestions.
-        Changing the architecture of a fitted model takes effect at the next ``fit``."""
-        check_known_keys("set_params", params, _MODEL_FIELDS)
-        ModelConfig(**{**self.get_params(), **params})  # validate the combination first
-        for name, value in params.items():
+        """Set constructor arguments or training defaults; unknown names raise a ValueError
+        with suggestions, and nothing changes unless every value is valid. Changing the
+        architecture of a fitted model takes effect at the next ``fit``."""
+        check_known_keys("set_params", params, _MODEL_FIELDS + _TRAIN_FIELDS)
+        model = {name: value for name, value in params.items() if name in _MODEL_FIELDS}
+        training = {**self._training, **{name: value for name, value in params.items()
+                                         if name not in model}}
+        ModelConfig(**{**{name: getattr(self, name) for name in _MODEL_FIELDS}, **model})
+        TrainConfig(**training)  # validate the combinations first
+        for name, value in model.items():
             setattr(self, name, value)
+        self._training = training
         return self
 
     @property
@@ -137,8 +148,8 @@ class SparseAutoencoder:
         return memo[1]
 
     def __repr__(self) -> str:
-        defaults = ModelConfig()
-        shown = [f"{k}={v!r}" for k, v in self.get_params().items() if v != getattr(defaults, k)
+        defaults = {**asdict(ModelConfig()), **asdict(TrainConfig())}
+        shown = [f"{k}={v!r}" for k, v in self.get_params().items() if v != defaults[k]
                  or k in ("n_latents", "k")]
         return f"SparseAutoencoder({', '.join(shown)})"
 
@@ -185,9 +196,8 @@ class SparseAutoencoder:
         return p["log_threshold"]
 
     # ----------------------------------------------------------------- training
-    def fit(self, X: Any, y: Any = None, *, epochs: int = 10, batch_size: int = 256,
-            lr: float = 1e-3, optimizer: str = "adam", shuffle: bool = True,
-            validation_data: Any = None, callback: Callable[[dict[str, Any]], None] | None = None,
+    def fit(self, X: Any, y: Any = None, *, validation_data: Any = None,
+            callback: Callable[[dict[str, Any]], None] | None = None,
             checkpoint: str | Path | None = None, **options: Any) -> "SparseAutoencoder":
         """Initialise the weights and train for ``epochs`` passes over ``X``: an array, a
         ``ksae.NpyRowStream`` to train from a .npy file larger than memory (batches are read
@@ -195,9 +205,11 @@ class SparseAutoencoder:
         then use the file's first 65536 rows), or any ``ksae.batches.BatchSource``. ``y`` is
         ignored (scikit-learn's signature).
 
-        ``options`` are the other :class:`ksae.config.TrainConfig` fields (loss, penalties,
-        input dropout, schedule, clipping, validation split, early stopping, AuxK,
-        resampling, k curriculum, ...; the README lists each with its default).
+        ``options`` are :class:`ksae.config.TrainConfig` fields (``epochs=10``,
+        ``batch_size=256``, ``lr=1e-3``, ``optimizer="adam"``, ``shuffle=True``, loss,
+        penalties, input dropout, schedule, clipping, validation split, early stopping, AuxK,
+        resampling, k curriculum, ...; the README lists each with its default), over the
+        training defaults given to the constructor.
         ``validation_data`` (or ``validation_split``) is scored after each epoch.
         ``callback`` receives every history record (see ``ksae.training``). Returns self;
         per-epoch figures are in ``history_``, per-``log_every``-steps ones in
@@ -208,9 +220,9 @@ class SparseAutoencoder:
         (which finishes the step in progress, saves, and raises ``TrainingInterrupted``);
         ``ksae.resume(checkpoint, X)`` continues such a run exactly.
         """
+        options = {**self._training, **options}
         check_known_keys("fit", options, _TRAIN_FIELDS)
-        train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                                shuffle=shuffle, **options)
+        train_cfg = TrainConfig(**options)
         cfg = self._cfg()
         source = training_rows(X, cfg.dtype)
         rng = np.random.default_rng(cfg.random_state)
@@ -246,12 +258,13 @@ class SparseAutoencoder:
             self.best_epoch_ = outcome.best_epoch
         return self
 
-    def partial_fit(self, X: Any, y: Any = None, *, lr: float = 1e-3, optimizer: str = "adam",
-                    **options: Any) -> "SparseAutoencoder":
+    def partial_fit(self, X: Any, y: Any = None, **options: Any) -> "SparseAutoencoder":
         """One optimizer step on ``X`` taken as a single batch, initialising the model on the
-        first call. The optimizer's state carries over between calls (and from ``fit``) while
-        its kind stays the same; ``lr`` applies from this step on."""
-        train = _partial_fit_config(self, lr, optimizer, options)
+        first call. ``options`` are TrainConfig fields as for ``fit`` (``lr=1e-3``,
+        ``optimizer="adam"``, ...). The optimizer's state carries over between calls (and from
+        ``fit``) while its kind stays the same; ``lr`` applies from this step on."""
+        train = _partial_fit_config(self, {**self._training, **options} if self._training
+                                    else options)
         cfg = self._cfg()
         if self._state is None:
             X = as_float_matrix(X, "X", cfg.dtype, n_threads=cfg.n_threads or 0)
