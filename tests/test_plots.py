@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import ksae
-from ksae import plots
+from ksae import image_plots, plots
 from ksae.report import format_value, write_report
 
 DPI = 40  # small files, fast tests; the layout does not depend on it
@@ -234,7 +234,7 @@ def test_decoder_tiles_png_and_order(tmp_path, rng):
     W = rng.standard_normal((20, 12))  # 3x4 images
     order = np.arange(20)[::-1]
     out = plots.plot_decoder_tiles(W, (3, 4), tmp_path / "tiles.png", n_tiles=6, order=order, dpi=DPI)
-    fig = plots._decoder_tiles_figure(W, (3, 4), 6, order, None)
+    fig = image_plots._decoder_tiles_figure(W, (3, 4), 6, order, None)
     assert_png(out, fig)
     image = fig.axes[0].get_images()[0]
     assert image.get_clim() == (-1, 1)
@@ -250,7 +250,7 @@ def test_decoder_tiles_png_and_order(tmp_path, rng):
 
 def test_decoder_tiles_zero_row_and_more_tiles_than_rows():
     W = np.zeros((2, 4))
-    fig = plots._decoder_tiles_figure(W, np.array([2, 2]), 64, None, "custom title")
+    fig = image_plots._decoder_tiles_figure(W, np.array([2, 2]), 64, None, "custom title")
     mosaic = np.ma.filled(fig.axes[0].get_images()[0].get_array(), np.nan)
     assert np.nansum(np.abs(mosaic)) == 0 and (~np.isnan(mosaic)).sum() == 8
     assert fig.axes[0].get_title() == "custom title"
@@ -276,7 +276,7 @@ def test_reconstructions_rows_per_label(tmp_path, rng):
     X = rng.random((12, 6))
     recs = {"k=2": X + 0.1, "k=4": X + 0.01}
     out = plots.plot_reconstructions(X, recs, (2, 3), tmp_path / "rec.png", n_images=5, dpi=DPI)
-    fig = plots._reconstructions_figure(X, recs, (2, 3), 5)
+    fig = image_plots._reconstructions_figure(X, recs, (2, 3), 5)
     assert_png(out, fig)
     labels = [ax.get_ylabel() for ax in fig.axes]
     assert labels[0] == "original"
@@ -289,7 +289,7 @@ def test_reconstructions_rows_per_label(tmp_path, rng):
 def test_reconstructions_single_array(tmp_path, rng):
     X = rng.random((3, 4))
     out = plots.plot_reconstructions(X, X * 0.5, (2, 2), tmp_path / "rec.png", dpi=DPI)
-    fig = plots._reconstructions_figure(X, X * 0.5, (2, 2), 10)
+    fig = image_plots._reconstructions_figure(X, X * 0.5, (2, 2), 10)
     assert_png(out, fig)
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel().startswith("reconstruction")
 

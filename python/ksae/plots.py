@@ -21,12 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
+from .image_plots import plot_decoder_tiles, plot_reconstructions
 from .metrics import best_cosine_similarities
+from .plot_inputs import (DEFAULT_DPI, all_positive, history_records, history_series,
+                          output_path, plot_line, positive_int, real_array, save_figure)
 from .state import inference_k
 
 if TYPE_CHECKING:
@@ -37,124 +39,6 @@ __all__ = [
     "plot_reconstructions", "plot_recovery", "plot_sweep", "write_run_plots",
 ]
 
-DEFAULT_DPI = 100
-
-# Tile mosaics are drawn as one image rather than one axes per tile: it is much faster for
-# 64+ tiles, and the NaN gaps between tiles show as this background colour.
-_GAP_COLOUR = "white"
-
-# Below this many points the curves carry markers, so a one- or two-epoch run still shows dots.
-_MARKER_LIMIT = 50
-
-
-# --------------------------------------------------------------------------- input checks
-def _output_path(path: str | os.PathLike, dpi: float) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike naming a .png file, got {type(path).__name__}")
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"path: expected a file name ending in .png, got {str(out)!r}")
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0 or not math.isfinite(dpi):
-        raise ValueError(f"dpi: expected a positive number of dots per inch, got {dpi!r}")
-    return out
-
-
-def _save(fig: Figure, path: Path, dpi: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No bbox_inches="tight": the constrained layout already fits the labels, and a fixed
-    # canvas makes the pixel size figsize * dpi, predictable for pages that embed the image.
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
-
-
-def _real_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    """``value`` as a finite float64 array with ``ndim`` dimensions and no empty axis."""
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != ndim or 0 in arr.shape:
-        raise ValueError(f"{name}: expected a non-empty {ndim}-D array, got shape {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
-    return arr
-
-
-def _image_shape(image_shape: Any, width: int, name: str) -> tuple[int, int]:
-    """A checked (height, width) whose product is ``width``, the row length of ``name``."""
-    if isinstance(image_shape, np.ndarray):
-        image_shape = tuple(image_shape.tolist())
-    if not isinstance(image_shape, Sequence) or isinstance(image_shape, str) or len(image_shape) != 2:
-        raise ValueError(f"image_shape: expected (height, width), got {image_shape!r}")
-    h, w = (_positive_int(side, "image_shape") for side in image_shape)
-    if h * w != width:
-        raise ValueError(f"{name}: expected rows of prod(image_shape) = {h} * {w} = {h * w} values, "
-                         f"got rows of {width}")
-    return h, w
-
-
-def _series(history: Mapping, key: str, name: str, length: int | None) -> np.ndarray:
-    """``history[key]`` as a 1-D float array (NaN kept: a gap in the curve), of ``length``."""
-    try:
-        values = np.asarray(history[key], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}[{key!r}]: expected a list of numbers, got {history[key]!r:.80}") from None
-    if values.ndim != 1:
-        raise ValueError(f"{name}[{key!r}]: expected a flat list of numbers, got shape {values.shape}")
-    if length is not None and values.size != length:
-        raise ValueError(f"{name}[{key!r}]: expected {length} values (one per record, as "
-                         f"{name}['loss']), got {values.size}")
-    return values
-
-
-def _records(history: Any, name: str, x_key: str) -> tuple[int, np.ndarray]:
-    """The record count of a history dict (from its ``loss`` list) and its x values
-    (``history[x_key]``, or 1, 2, ... without it)."""
-    if not isinstance(history, Mapping):
-        raise TypeError(f"{name}: expected a dict of lists such as a fitted model's history_, "
-                        f"got {type(history).__name__}")
-    loss = _series(history, "loss", name, None) if "loss" in history else np.empty(0)
-    if loss.size == 0:
-        raise ValueError(f"{name}: expected at least one record with a 'loss' value (a fitted "
-                         f"model's history_), got keys {list(history)}")
-    x = (_series(history, x_key, name, loss.size) if x_key in history
-         else np.arange(1, loss.size + 1, dtype=np.float64))
-    return loss.size, x
-
-
-# --------------------------------------------------------------------------- drawing helpers
-def _all_positive(*arrays: np.ndarray) -> bool:
-    """Whether a log scale can show every finite value (NaN is a gap, so it does not count)."""
-    finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
-    return finite.size > 0 and bool((finite > 0).all())
-
-
-def _line(ax: Any, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> None:
-    ax.plot(x, y, marker="o" if y.size <= _MARKER_LIMIT else None, markersize=3, **kwargs)
-
-
-def _mosaic(tiles: np.ndarray, cols: int, gap: int) -> np.ndarray:
-    """Tiles (n, h, w) laid out row by row in ``cols`` columns, separated by NaN gaps."""
-    n, h, w = tiles.shape
-    rows = math.ceil(n / cols)
-    out = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap), np.nan)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        top, left = gap + r * (h + gap), gap + c * (w + gap)
-        out[top:top + h, left:left + w] = tile
-    return out
-
-
-def _with_gap_colour(name: str) -> Any:
-    return matplotlib.colormaps[name].with_extremes(bad=_GAP_COLOUR)
 
 
 # --------------------------------------------------------------------------- training curves
@@ -169,14 +53,14 @@ _PANEL_TITLES = {  # history key: (panel title, y label), drawn in this order af
 def _epoch_panel(ax: Any, history: Mapping, key: str, epochs: np.ndarray, n: int) -> None:
     """``history[key]`` and, when recorded, ``history['val_' + key]`` against the epoch."""
     title, ylabel = ("Loss", "loss") if key == "loss" else _PANEL_TITLES[key]
-    train = _series(history, key, "history", n)
-    _line(ax, epochs, train, label="train")
+    train = history_series(history, key, "history", n)
+    plot_line(ax, epochs, train, label="train")
     shown = [train]
     if f"val_{key}" in history:
-        shown.append(_series(history, f"val_{key}", "history", n))
-        _line(ax, epochs, shown[-1], label="validation")
+        shown.append(history_series(history, f"val_{key}", "history", n))
+        plot_line(ax, epochs, shown[-1], label="validation")
         ax.legend(fontsize="small")
-    if key == "loss" and _all_positive(*shown):
+    if key == "loss" and all_positive(*shown):
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
@@ -186,26 +70,26 @@ def _step_panel(ax: Any, step_history: Mapping, steps: np.ndarray, n_steps: int,
                 n: int) -> None:
     """The loss per logged span of steps, with the epoch means at the step each epoch ended
     (when ``history`` records steps) to show the two on one scale."""
-    loss = _series(step_history, "loss", "step_history", n_steps)
-    _line(ax, steps, loss, label="per logged span of steps", linewidth=1)
+    loss = history_series(step_history, "loss", "step_history", n_steps)
+    plot_line(ax, steps, loss, label="per logged span of steps", linewidth=1)
     shown = [loss]
     if "step" in history:
-        shown.append(_series(history, "loss", "history", n))
-        ax.plot(_series(history, "step", "history", n), shown[-1], "o", markersize=4, label="epoch mean")
+        shown.append(history_series(history, "loss", "history", n))
+        ax.plot(history_series(history, "step", "history", n), shown[-1], "o", markersize=4, label="epoch mean")
         ax.legend(fontsize="small")
-    if _all_positive(*shown):
+    if all_positive(*shown):
         ax.set_yscale("log")
     ax.set(title="Training loss per step", xlabel="optimizer step", ylabel="loss")
 
 
 def _training_curves_figure(history: Mapping, step_history: Mapping | None) -> Figure:
-    n, epochs = _records(history, "history", "epoch")
+    n, epochs = history_records(history, "history", "epoch")
     if step_history is not None and not isinstance(step_history, Mapping):
         raise TypeError(f"step_history: expected None or a dict of lists such as a fitted "
                         f"model's step_history_, got {type(step_history).__name__}")
     has_steps = bool(step_history)  # fit leaves it empty when log_every is 0
     if has_steps:
-        n_steps, steps = _records(step_history, "step_history", "step")
+        n_steps, steps = history_records(step_history, "step_history", "step")
     panels = ["loss"] + (["step_loss"] if has_steps else []) + [key for key in _PANEL_TITLES if key in history]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -236,8 +120,8 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | os.
     is the binary cross-entropy, so the two curves then measure different things.)
     Returns ``path``.
     """
-    out = _output_path(path, dpi)
-    return _save(_training_curves_figure(history, step_history), out, dpi)
+    out = output_path(path, dpi)
+    return save_figure(_training_curves_figure(history, step_history), out, dpi)
 
 
 # --------------------------------------------------------------------------- firing
@@ -247,7 +131,7 @@ def firing_frequencies(model: "SparseAutoencoder", X: Any, *, chunk: int = 4096)
 
     ``X`` is encoded ``chunk`` rows at a time, so memory stays bounded for large data.
     """
-    chunk = _positive_int(chunk, "chunk")
+    chunk = positive_int(chunk, "chunk")
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0:
         raise ValueError(f"X: expected a 2-D array (n_samples, n_features) with at least one "
@@ -262,8 +146,8 @@ def firing_frequencies(model: "SparseAutoencoder", X: Any, *, chunk: int = 4096)
 
 
 def _firing_histogram_figure(frequencies: Any, n_bins: int) -> Figure:
-    freq = _real_array(frequencies, "frequencies", ndim=1)
-    n_bins = _positive_int(n_bins, "n_bins")
+    freq = real_array(frequencies, "frequencies", ndim=1)
+    n_bins = positive_int(n_bins, "n_bins")
     if freq.min() < 0 or freq.max() > 1:
         raise ValueError(f"frequencies: expected fractions in [0, 1], got values in "
                          f"[{freq.min():.4g}, {freq.max():.4g}]")
@@ -302,130 +186,17 @@ def plot_firing_histogram(frequencies: Any, path: str | os.PathLike, *, n_bins: 
     """Histogram of latent firing frequencies (as from ``firing_frequencies``) on a log x
     axis with ``n_bins`` log-spaced bins. Dead latents (frequency 0) cannot be shown on a log
     axis; their count is stated in the title and legend. Returns ``path``."""
-    out = _output_path(path, dpi)
-    return _save(_firing_histogram_figure(frequencies, n_bins), out, dpi)
-
-
-# --------------------------------------------------------------------------- decoder tiles
-def _latent_order(order: Any, n_latents: int) -> np.ndarray:
-    idx = np.asarray(order)
-    if idx.dtype.kind not in "iu":
-        raise TypeError(f"order: expected integer latent indices (e.g. np.argsort(-frequencies)), "
-                        f"got dtype {idx.dtype}")
-    if idx.ndim != 1 or idx.size == 0:
-        raise ValueError(f"order: expected a non-empty 1-D array of latent indices, got shape {idx.shape}")
-    if idx.min() < 0 or idx.max() >= n_latents:
-        raise ValueError(f"order: expected indices in [0, {n_latents}), got [{idx.min()}, {idx.max()}]")
-    if np.unique(idx).size != idx.size:
-        raise ValueError("order: expected each latent index at most once, got repeated indices")
-    return idx.astype(np.int64)
-
-
-def _decoder_tiles_figure(W_dec: Any, image_shape: Any, n_tiles: int, order: Any, title: str | None) -> Figure:
-    W = _real_array(W_dec, "W_dec", ndim=2)
-    h, w = _image_shape(image_shape, W.shape[1], "W_dec")
-    n_tiles = _positive_int(n_tiles, "n_tiles")
-    chosen = np.arange(W.shape[0]) if order is None else _latent_order(order, W.shape[0])
-    chosen = chosen[:n_tiles]
-    tiles = W[chosen].reshape(-1, h, w)
-    # Each tile on its own symmetric scale: the sign pattern of a row matters, not its size
-    # (rows are unit-norm in training anyway), and 0 stays the colormap's neutral middle.
-    scale = np.abs(tiles).max(axis=(1, 2), keepdims=True)
-    tiles = tiles / np.where(scale > 0, scale, 1.0)
-    cols = math.ceil(math.sqrt(len(chosen)))
-    rows = math.ceil(len(chosen) / cols)
-    tile_inches = 0.7
-    aspect = h / w
-    fig = Figure(figsize=(max(3.5, cols * tile_inches + 1.2), max(2.5, rows * tile_inches * aspect + 0.7)),
-                 layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(_mosaic(tiles, cols, gap=max(1, min(h, w) // 8)), cmap=_with_gap_colour("RdBu_r"),
-                      vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    which = "in index order" if order is None else "in the given order"
-    ax.set_title(title or f"Decoder rows: {len(chosen)} of {W.shape[0]}, {which}", fontsize="medium")
-    fig.colorbar(image, ax=ax, shrink=0.7, label="value / max |value| of the row")
-    return fig
-
-
-def plot_decoder_tiles(W_dec: Any, image_shape: tuple[int, int], path: str | os.PathLike,
-                       n_tiles: int = 64, order: Any = None, *, title: str | None = None,
-                       dpi: float = DEFAULT_DPI) -> Path:
-    """The first ``n_tiles`` decoder rows (``W_dec`` is (n_latents, height * width)) drawn
-    as ``image_shape`` tiles in a near-square grid, each scaled to [-1, 1] by its largest
-    absolute value, blue negative, red positive. ``order`` (integer latent indices, e.g.
-    ``np.argsort(-frequencies)`` for the most frequently firing first) picks and orders
-    the rows; ``title`` replaces the default one, which says how many rows are shown.
-    Returns ``path``."""
-    out = _output_path(path, dpi)
-    return _save(_decoder_tiles_figure(W_dec, image_shape, n_tiles, order, title), out, dpi)
-
-
-# --------------------------------------------------------------------------- reconstructions
-def _reconstructions_figure(originals: Any, reconstructions: Any, image_shape: Any, n_images: int) -> Figure:
-    O = _real_array(originals, "originals", ndim=2)
-    h, w = _image_shape(image_shape, O.shape[1], "originals")
-    n_images = _positive_int(n_images, "n_images")
-    if isinstance(reconstructions, Mapping):
-        if not reconstructions:
-            raise ValueError("reconstructions: expected an array or a non-empty dict label -> array, got {}")
-        labelled = dict(reconstructions)
-    else:
-        labelled = {"reconstruction": reconstructions}
-    rows: list[tuple[str, np.ndarray]] = []
-    for label, value in labelled.items():
-        if not isinstance(label, str):
-            raise TypeError(f"reconstructions: expected str labels, got {type(label).__name__} {label!r}")
-        R = _real_array(value, f"reconstructions[{label!r}]", ndim=2)
-        if R.shape != O.shape:
-            raise ValueError(f"reconstructions[{label!r}]: expected the shape of originals {O.shape}, got {R.shape}")
-        rows.append((label, R))
-    n = min(n_images, O.shape[0])
-    # One grey scale for the whole grid, set by the originals, so a reconstruction's
-    # contrast can be compared with its original's.
-    lo, hi = float(O[:n].min()), float(O[:n].max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    gap = max(1, min(h, w) // 8)
-    cmap = _with_gap_colour("gray")
-    tile_inches = 0.75
-    fig = Figure(figsize=(max(4.0, n * tile_inches + 1.6), (len(rows) + 1) * (tile_inches * h / w + 0.1) + 0.5),
-                 layout="constrained")
-    axes = fig.subplots(len(rows) + 1, 1, squeeze=False)[:, 0]
-    strips = [("original", O)] + [(f"{label}\nMSE {np.mean((R - O) ** 2):.3g}", R) for label, R in rows]
-    for ax, (label, images) in zip(axes, strips):
-        ax.imshow(_mosaic(images[:n].reshape(n, h, w), n, gap), cmap=cmap, vmin=lo, vmax=hi,
-                  interpolation="nearest")
-        # Hide ticks and frame but keep the axes on, or the row label would vanish with them.
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
-    axes[0].set_title(f"First {n} samples and their reconstructions (MSE over all {O.shape[0]})",
-                      fontsize="medium")
-    return fig
-
-
-def plot_reconstructions(originals: Any, reconstructions: Mapping[str, Any] | Any,
-                         image_shape: tuple[int, int], path: str | os.PathLike, n_images: int = 10,
-                         *, dpi: float = DEFAULT_DPI) -> Path:
-    """A grid of images: the first ``n_images`` rows of ``originals`` (n_samples,
-    height * width) on top, below them one row per entry of ``reconstructions`` (a dict
-    ``label -> array`` of the shape of ``originals``, e.g. ``{"k=5": ..., "k=10": ...}`` for
-    a k sweep, or a single array), labelled on the left with the label and the MSE against
-    the originals over all their samples. Returns ``path``."""
-    out = _output_path(path, dpi)
-    return _save(_reconstructions_figure(originals, reconstructions, image_shape, n_images), out, dpi)
+    out = output_path(path, dpi)
+    return save_figure(_firing_histogram_figure(frequencies, n_bins), out, dpi)
 
 
 # --------------------------------------------------------------------------- recovery
 def _recovery_figure(directions: Any, W_dec: Any, n_bins: int, threshold: float) -> Figure:
-    T = _real_array(directions, "directions", ndim=2)
-    D = _real_array(W_dec, "W_dec", ndim=2)
+    T = real_array(directions, "directions", ndim=2)
+    D = real_array(W_dec, "W_dec", ndim=2)
     if T.shape[1] != D.shape[1]:
         raise ValueError(f"directions, W_dec: expected the same width (d_in), got shapes {T.shape} and {D.shape}")
-    n_bins = _positive_int(n_bins, "n_bins")
+    n_bins = positive_int(n_bins, "n_bins")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
         raise ValueError(f"threshold: expected a cosine similarity in [-1, 1], got {threshold!r}")
     best = best_cosine_similarities(T, D)
@@ -453,8 +224,8 @@ def plot_recovery(directions: Any, W_dec: Any, path: str | os.PathLike, *, n_bin
     (n_latents, d_in), with their mean marked (it equals
     ``ksae.dictionary_recovery(directions, W_dec)``) and the count at or above
     ``threshold``. Returns ``path``."""
-    out = _output_path(path, dpi)
-    return _save(_recovery_figure(directions, W_dec, n_bins, threshold), out, dpi)
+    out = output_path(path, dpi)
+    return save_figure(_recovery_figure(directions, W_dec, n_bins, threshold), out, dpi)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -492,7 +263,7 @@ def _sweep_figure(rows: Any, x: str, series: str | Sequence[str], title: str | N
     ax = fig.add_subplot()
     for name, y in ys.items():
         ax.plot(xs, y, marker="o", label=name)
-    if _all_positive(*ys.values()):
+    if all_positive(*ys.values()):
         ax.set_yscale("log")
     # Sweeps over k usually double it; a log2 axis spaces such points evenly.
     if (xs > 0).all() and xs.max() / xs.min() >= 8:
@@ -516,8 +287,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, x: st
     row needs ``x`` and each series (``None`` leaves a gap). The y axis is logarithmic when
     every value is positive; the x axis is log2 when it spans a factor of 8 or more.
     Returns ``path``."""
-    out = _output_path(path, dpi)
-    return _save(_sweep_figure(rows, x, series, title), out, dpi)
+    out = output_path(path, dpi)
+    return save_figure(_sweep_figure(rows, x, series, title), out, dpi)
 
 
 # --------------------------------------------------------------------------- a whole run
