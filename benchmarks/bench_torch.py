@@ -66,11 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "check_selection.py)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
     ap.add_argument("--json", help="also write the raw figures here (e.g. benchmarks/out/torch.json)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also time the ksae step imported from DIR (another version, installed "
+                         "with pip install --target DIR), interleaved with the rest, for a "
+                         "before/after comparison in one run")
     return ap.parse_args(argv)
 
 
 def implementations(shape, args) -> list[str]:
-    impls = ["floor", "ksae"]
+    impls = ["floor", "ksae"] + (["ksae_baseline"] if args.baseline else [])
     if shape[0] * shape[2] <= args.numpy_max_elements:
         impls.append("numpy")
     if not args.no_torch and have_torch():
@@ -81,7 +85,7 @@ def implementations(shape, args) -> list[str]:
 def check_agreement(shape, impls: list[str], threads: int,
                     update_tolerance: float = UPDATE_TOLERANCE) -> dict[str, Any]:
     """Run the agreement check in a child, print it as a table, stop on a disagreement."""
-    models = [impl for impl in impls if impl != "floor"]
+    models = [impl for impl in impls if impl not in ("floor", "ksae_baseline")]
     result = run_json_child([STEPS, "check", ",".join(map(str, shape)), "--threads", str(threads),
                              "--impls", ",".join(models)], threads)
     print(f"\nshape {shape}: loss before and after one Adam step from ksae's initial weights")
@@ -129,12 +133,15 @@ def bench_shape(shape, impls: list[str], losses: dict[str, float], args) -> dict
     spec = ",".join(map(str, shape))
     for r in range(args.repeats):
         for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
-            child = run_json_child([STEPS, "time", impl, spec, "--threads", str(args.threads),
+            baseline = impl == "ksae_baseline"
+            child = run_json_child([STEPS, "time", "ksae" if baseline else impl, spec,
+                                    "--threads", str(args.threads),
                                     "--seconds", str(args.seconds), "--warmup", str(args.warmup)],
-                                   args.threads)
-            if impl in losses:  # the timed model is the checked one: same loss from the same weights
-                assert abs(child["loss"] - losses[impl]) <= LOSS_TOLERANCE * abs(losses[impl]), \
-                    (impl, child["loss"], losses[impl])
+                                   args.threads, args.baseline if baseline else None)
+            checked = "ksae" if baseline else impl  # the baseline starts from ksae's weights too
+            if checked in losses:  # the timed model is the checked one: same loss from the same weights
+                assert abs(child["loss"] - losses[checked]) <= LOSS_TOLERANCE * abs(losses[checked]), \
+                    (impl, child["loss"], losses[checked])
             samples[impl] += child["times"]
             trips[impl].append(child["round_trip_ns"])
             by_placement[impl].setdefault(placement(child["round_trip_ns"]), []).extend(child["times"])
@@ -212,6 +219,15 @@ def main(argv=None) -> None:
         results[spec] = {**r, "check": checks[shape]["rows"]}
         thread_settings.update(r["threads"])
         print(table_row(spec, r), flush=True)
+    if args.baseline:
+        print(f"\nksae from this tree against ksae from {args.baseline}, same rounds:\n")
+        print("| batch, d_in, n_latents, k | this ksae | step / floor | baseline ksae | step / floor | this / baseline |")
+        print("|---|---|---|---|---|---|")
+        for spec, r in results.items():
+            t = r["median_s"]
+            print(f"| {spec.replace(',', ', ')} | {t['ksae'] * 1e3:.2f} ms | {t['ksae'] / t['floor']:.3f}x | "
+                  f"{t['ksae_baseline'] * 1e3:.2f} ms | {t['ksae_baseline'] / t['floor']:.3f}x | "
+                  f"{t['ksae'] / t['ksae_baseline']:.3f}x |")
     print(f"\nksae's step and the floor by placement: the cache-line round trip between two threads "
           f"just before and after each child's timed calls, near (both < {NEAR_NS:.0f} ns), far "
           f"(both above) or mixed; medians of those children's calls (children in brackets)")

@@ -110,11 +110,15 @@ def parse_shape(spec: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def run_json_child(args: Sequence[str], threads: int) -> dict[str, Any]:
+def run_json_child(args: Sequence[str], threads: int,
+                   first_on_path: str | None = None) -> dict[str, Any]:
     """Run ``python *args`` with every thread pool pinned to ``threads`` and return the JSON
-    object its last output line holds; its error output is shown if it fails."""
+    object its last output line holds; its error output is shown if it fails.
+    ``first_on_path`` goes first on the child's PYTHONPATH (another ksae install)."""
     env = dict(os.environ)
     env.update({var: str(threads) for var in THREAD_VARIABLES})
+    if first_on_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [first_on_path, env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stdout + out.stderr)

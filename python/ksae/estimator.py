@@ -57,7 +57,76 @@ def _partial_fit_config(model: "SparseAutoencoder", options: dict[str, Any]) -> 
     return train
 
 
-class SparseAutoencoder:
+def _partial_fit_optimizer(model: "SparseAutoencoder", train: TrainConfig) -> Optimizer:
+    """The optimizer of a partial_fit step at ``train.lr``: the model's own while its
+    settings but lr stay the same (so its state carries over, from fit too), else a new one."""
+    if model._optimizer is None or model._optimizer is not model.__dict__.get("_partial_fit_optimizer"):
+        fresh = make_optimizer(train)
+        if model._optimizer is None or not _same_settings_but_lr(model._optimizer, fresh):
+            model._optimizer = fresh
+        model._partial_fit_optimizer = model._optimizer
+    model._optimizer.lr = train.lr
+    return model._optimizer
+
+
+def _split_params(model: "SparseAutoencoder", params: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """set_params's arguments checked and split into (constructor arguments, the training
+    defaults they leave), validated together with the model's other values."""
+    check_known_keys("set_params", params, _MODEL_FIELDS + _TRAIN_FIELDS)
+    arch = {name: value for name, value in params.items() if name in _MODEL_FIELDS}
+    training = {**model._training, **{name: value for name, value in params.items()
+                                      if name not in arch}}
+    ModelConfig(**{**{name: getattr(model, name) for name in _MODEL_FIELDS}, **arch})
+    TrainConfig(**training)
+    return arch, training
+
+
+class _FittedAttributes:
+    """SparseAutoencoder's fitted attributes, read from its model state; each raises
+    NotFittedError (an AttributeError too: ``hasattr`` is False) before fitting."""
+
+    _state: ModelState | None
+    sparsity: str
+    _cfg: Callable[[], ModelConfig]  # the estimator's validated configuration
+
+    @property
+    def state_(self) -> ModelState:
+        """The model state (weights, counters, generator), with the current parameters."""
+        state = self._state
+        if state is None:
+            raise not_fitted(type(self).__name__)
+        state.use_config(self._cfg())
+        return state
+
+    W_enc_ = property(lambda self: self.state_.params["W_enc_t"].T,
+                      doc="Encoder weights, (d_in, n_latents) (a transposed view of the internal layout).")
+    b_enc_ = property(lambda self: self.state_.params["b_enc"], doc="Encoder bias, (n_latents,).")
+    W_dec_ = property(lambda self: self.state_.params["W_dec"],
+                      doc="Decoder weights, (n_latents, d_in); rows have unit norm with normalize_decoder.")
+    b_dec_ = property(lambda self: self.state_.params["b_dec"],
+                      doc="Decoder bias, (d_in,); it is also subtracted from the input before encoding.")
+    n_features_in_ = property(lambda self: self.state_.d_in, doc="Input width d_in seen at fit time.")
+    n_iter_ = property(lambda self: self.state_.n_iter, doc="Optimizer steps taken.")
+    samples_since_fired_ = property(lambda self: self.state_.samples_since_fired,
+                                    doc="Per latent, training samples since it last fired.")
+
+    @property
+    def threshold_(self) -> float | None:
+        """batchtopk: the inference threshold learned in training (None otherwise)."""
+        return self.state_.threshold
+
+    @property
+    def log_threshold_(self) -> np.ndarray:
+        """jumprelu: the log of each latent's threshold, (n_latents,) (theta = exp of it)."""
+        p = self.state_.params
+        if "log_threshold" not in p:
+            raise AttributeError(f"log_threshold_: only jumprelu models have thresholds; this "
+                                 f"one's sparsity is {self.sparsity!r}")
+        return p["log_threshold"]
+
+
+class SparseAutoencoder(_FittedAttributes):
     """A k-sparse (TopK) autoencoder.
 
     Each sample is encoded as ``pre = (x - b_dec) @ W_enc + b_enc``; only its ``k`` largest
@@ -121,15 +190,9 @@ class SparseAutoencoder:
         """Set constructor arguments or training defaults; unknown names raise a ValueError
         with suggestions, and nothing changes unless every value is valid. Changing the
         architecture of a fitted model takes effect at the next ``fit``."""
-        check_known_keys("set_params", params, _MODEL_FIELDS + _TRAIN_FIELDS)
-        model = {name: value for name, value in params.items() if name in _MODEL_FIELDS}
-        training = {**self._training, **{name: value for name, value in params.items()
-                                         if name not in model}}
-        ModelConfig(**{**{name: getattr(self, name) for name in _MODEL_FIELDS}, **model})
-        TrainConfig(**training)  # validate the combinations first
-        for name, value in model.items():
+        arch, self._training = _split_params(self, params)
+        for name, value in arch.items():
             setattr(self, name, value)
-        self._training = training
         return self
 
     @property
@@ -159,67 +222,21 @@ class SparseAutoencoder:
     def __sklearn_is_fitted__(self) -> bool:
         return self._state is not None
 
-    # ----------------------------------------------------------------- fitted attributes
-    @property
-    def state_(self) -> ModelState:
-        """The model state (weights, counters, generator), with the current parameters."""
-        state = self._state
-        if state is None:
-            raise not_fitted(type(self).__name__)
-        state.use_config(self._cfg())
-        return state
-
-    W_enc_ = property(lambda self: self.state_.params["W_enc_t"].T,
-                      doc="Encoder weights, (d_in, n_latents) (a transposed view of the internal layout).")
-    b_enc_ = property(lambda self: self.state_.params["b_enc"], doc="Encoder bias, (n_latents,).")
-    W_dec_ = property(lambda self: self.state_.params["W_dec"],
-                      doc="Decoder weights, (n_latents, d_in); rows have unit norm with normalize_decoder.")
-    b_dec_ = property(lambda self: self.state_.params["b_dec"],
-                      doc="Decoder bias, (d_in,); it is also subtracted from the input before encoding.")
-    n_features_in_ = property(lambda self: self.state_.d_in, doc="Input width d_in seen at fit time.")
-    n_iter_ = property(lambda self: self.state_.n_iter, doc="Optimizer steps taken.")
-    samples_since_fired_ = property(lambda self: self.state_.samples_since_fired,
-                                    doc="Per latent, training samples since it last fired.")
-
-    @property
-    def threshold_(self) -> float | None:
-        """batchtopk: the inference threshold learned in training (None otherwise)."""
-        return self.state_.threshold
-
-    @property
-    def log_threshold_(self) -> np.ndarray:
-        """jumprelu: the log of each latent's threshold, (n_latents,) (theta = exp of it)."""
-        p = self.state_.params
-        if "log_threshold" not in p:
-            raise AttributeError(f"log_threshold_: only jumprelu models have thresholds; this "
-                                 f"one's sparsity is {self.sparsity!r}")
-        return p["log_threshold"]
-
     # ----------------------------------------------------------------- training
     def fit(self, X: Any, y: Any = None, *, validation_data: Any = None,
             callback: Callable[[dict[str, Any]], None] | None = None,
             checkpoint: str | Path | None = None, **options: Any) -> "SparseAutoencoder":
         """Initialise the weights and train for ``epochs`` passes over ``X``: an array, a
-        ``ksae.NpyRowStream`` to train from a .npy file larger than memory (batches are read
-        a window at a time and shuffled by blocks; ``b_dec_init`` and batchtopk's threshold
-        then use the file's first 65536 rows), or any ``ksae.batches.BatchSource``. ``y`` is
-        ignored (scikit-learn's signature).
-
-        ``options`` are :class:`ksae.config.TrainConfig` fields (``epochs=10``,
-        ``batch_size=256``, ``lr=1e-3``, ``optimizer="adam"``, ``shuffle=True``, loss,
-        penalties, input dropout, schedule, clipping, validation split, early stopping, AuxK,
-        resampling, k curriculum, ...; the README lists each with its default), over the
-        training defaults given to the constructor.
-        ``validation_data`` (or ``validation_split``) is scored after each epoch.
-        ``callback`` receives every history record (see ``ksae.training``). Returns self;
-        per-epoch figures are in ``history_``, per-``log_every``-steps ones in
-        ``step_history_``.
-
-        With ``checkpoint`` (a file path), the full training state is saved there at the end
-        of each epoch, every ``checkpoint_every`` steps, and when Ctrl-C interrupts training
-        (which finishes the step in progress, saves, and raises ``TrainingInterrupted``);
-        ``ksae.resume(checkpoint, X)`` continues such a run exactly.
-        """
+        ``ksae.NpyRowStream`` (a .npy file larger than memory, read a window at a time and
+        shuffled by blocks; ``b_dec_init`` and batchtopk's threshold use its first 65536
+        rows), or any ``ksae.BatchSource``. ``y`` is ignored. ``options`` are TrainConfig
+        fields (``epochs=10``, ``batch_size=256``, ``lr=1e-3``, ``optimizer="adam"``,
+        schedule, AuxK, ...: the README lists each), over the constructor's training defaults.
+        ``validation_data`` (or ``validation_split``) is scored after each epoch;
+        ``callback`` receives every history record (``history_``, ``step_history_``).
+        With ``checkpoint`` (a file path) the training state is saved there after each epoch,
+        every ``checkpoint_every`` steps and on Ctrl-C (which then raises
+        ``TrainingInterrupted``); ``ksae.resume(checkpoint, X)`` continues the run exactly."""
         options = {**self._training, **options}
         check_known_keys("fit", options, _TRAIN_FIELDS)
         train_cfg = TrainConfig(**options)
@@ -274,13 +291,7 @@ class SparseAutoencoder:
         else:
             state = self.state_
             X = as_float_matrix(X, "X", cfg.dtype, state.d_in, state.n_threads)
-        if self._optimizer is None or self._optimizer is not self.__dict__.get("_partial_fit_optimizer"):
-            fresh = make_optimizer(train)
-            if self._optimizer is None or not _same_settings_but_lr(self._optimizer, fresh):
-                self._optimizer = fresh
-            self._partial_fit_optimizer = self._optimizer
-        self._optimizer.lr = train.lr
-        train_step(state, X, self._optimizer, train)
+        train_step(state, X, _partial_fit_optimizer(self, train), train)
         return self
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
