@@ -123,8 +123,8 @@ class SparseClassifier:
         if not isinstance(self.autoencoder, SparseAutoencoder):
             raise TypeError(f"autoencoder: expected a fitted ksae.SparseAutoencoder, got "
                             f"{type(self.autoencoder).__name__}")
-        self.autoencoder.state_  # noqa: B018 - fitted, with weights its parameters describe
         cfg = self.autoencoder.config
+        self.autoencoder.state_.use_config(cfg)  # fitted, with weights its parameters describe
         if cfg.sparsity != "topk":
             raise ValueError(f"autoencoder: SparseClassifier fine-tunes a topk encoder; this one's "
                              f"sparsity is {cfg.sparsity!r}")

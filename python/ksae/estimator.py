@@ -92,10 +92,16 @@ class _FittedAttributes:
 
     @property
     def state_(self) -> ModelState:
-        """The model state (weights, counters, generator), with the current parameters."""
-        state = self._state
-        if state is None:
+        """The model state: weights, firing counters, generator (``ksae.ModelState``)."""
+        if self._state is None:
             raise not_fitted(type(self).__name__)
+        return self._state
+
+    def _ready(self) -> ModelState:
+        """The model state, set to compute with the current parameters (set_params after
+        fitting may change the activation or inference_k_scale; n_latents, dtype and
+        sparsity need a new fit, and a model asked to compute with others raises)."""
+        state = self.state_
         state.use_config(self._cfg())
         return state
 
@@ -243,7 +249,7 @@ class SparseAutoencoder(_FittedAttributes):
         cfg = self._cfg()
         source = training_rows(X, cfg.dtype)
         rng = np.random.default_rng(cfg.random_state)
-        source, X_val, held_out = hold_out(source, validation_data, train_cfg, rng, cfg.dtype)
+        X_val, held_out = hold_out(source, validation_data, train_cfg, rng, cfg.dtype)
         data = {"fingerprint": fingerprint(source), "validation_rows": held_out}
         if held_out is not None:
             source, X_val = source.split(held_out)
@@ -289,7 +295,7 @@ class SparseAutoencoder(_FittedAttributes):
                                               np.random.default_rng(cfg.random_state), X))
             state = self._state
         else:
-            state = self.state_
+            state = self._ready()
             X = as_float_matrix(X, "X", cfg.dtype, state.d_in, state.n_threads)
         train_step(state, X, _partial_fit_optimizer(self, train), train)
         return self
@@ -307,14 +313,14 @@ class SparseAutoencoder(_FittedAttributes):
         per-sample cap, values at or below their latent's threshold are zero, and the order is
         that of pre-activation minus threshold. With the dense sparsities (l1, kl) k' =
         n_latents: every latent, relu's inactive ones at zero."""
-        return self.state_.encode(X)
+        return self._ready().encode(X)
 
     def calibrate_threshold(self, X: Any) -> float:
         """batchtopk: set ``threshold_`` so that encoding X keeps k latents per sample on
         average (the (n_samples * k)-th largest candidate activation of X), which makes
         single-sample encoding match training's batch sparsity. ``fit`` calls it on the
         training data at the end; call it after ``partial_fit`` training. Returns it."""
-        return self.state_.calibrate_threshold(X)
+        return self._ready().calibrate_threshold(X)
 
     code_width = staticmethod(code_width)
     inference_k = staticmethod(inference_k)
@@ -333,7 +339,7 @@ class SparseAutoencoder(_FittedAttributes):
     def inverse_transform(self, X: Any) -> np.ndarray:
         """Reconstruct inputs from dense codes X (n_samples, n_latents), as ``transform``
         gives them: the sparse decode of their non-zero entries."""
-        state = self.state_
+        state = self._ready()
         Z = as_float_matrix(X, "X", state.cfg.dtype, n_threads=state.n_threads)
         if Z.shape[1] != state.n_latents:
             raise ValueError(f"X: expected dense codes of {state.n_latents} columns (n_latents), "
@@ -343,11 +349,11 @@ class SparseAutoencoder(_FittedAttributes):
     def decode(self, values: Any, indices: Any) -> np.ndarray:
         """Reconstruct inputs from sparse codes: ``out(dense(values, indices) @ W_dec + b_dec)``
         with ``out`` the output activation (identity or sigmoid)."""
-        return self.state_.decode(values, indices)
+        return self._ready().decode(values, indices)
 
     def reconstruct(self, X: Any) -> np.ndarray:
         """``decode(*encode(X))``: the model's reconstruction of each row of ``X``."""
-        return self.state_.reconstruct(X)
+        return self._ready().reconstruct(X)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Fraction of the variance of ``X`` explained by the reconstruction (1 is perfect;
@@ -372,7 +378,7 @@ class SparseAutoencoder(_FittedAttributes):
     def save(self, path: str | Path) -> Path:
         """Write the model to the directory ``path`` (created if needed): the weights as
         ``model.safetensors`` and the configuration as ``config.json``. See ``ksae.load``."""
-        return save_model(self.state_, path, getattr(self, "history_", {}))
+        return save_model(self._ready(), path, getattr(self, "history_", {}))
 
     @classmethod
     def from_state(cls, state: ModelState, *, history: dict[str, list] | None = None,

@@ -73,12 +73,10 @@ def validation_record(model: Any, X_val: np.ndarray) -> dict[str, Any]:
 
 
 def hold_out(source: BatchSource, validation_data: Any, train_cfg: TrainConfig,
-             rng: np.random.Generator, dtype: str
-             ) -> tuple[BatchSource, np.ndarray | None, np.ndarray | None]:
-    """The validation data of a run: (the source to train on, the validation rows or None,
-    the indices held out of the source or None). ``validation_data`` is checked here;
-    ``validation_split`` holds out rows drawn from ``rng``, which needs a source that can
-    be split (rows in memory)."""
+             rng: np.random.Generator, dtype: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The validation data of a run: (the validation rows ``validation_data``, checked here,
+    or None; the indices of ``validation_split`` of the source's rows, drawn from ``rng``, to
+    hold out, or None). Holding out rows needs a source that can be split (rows in memory)."""
     X_val, held_out = None, None
     if validation_data is not None:
         if train_cfg.validation_split:
@@ -92,7 +90,7 @@ def hold_out(source: BatchSource, validation_data: Any, train_cfg: TrainConfig,
     if train_cfg.early_stopping_patience and X_val is None and held_out is None:
         raise ValueError("early_stopping_patience: early stopping needs validation_data "
                          "or validation_split > 0")
-    return source, X_val, held_out
+    return X_val, held_out
 
 
 class TrainingInterrupted(KeyboardInterrupt):
