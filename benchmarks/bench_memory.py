@@ -43,7 +43,7 @@ def need_mib(shape) -> float:
 
 def scratch_mib(shape, threads: int) -> float:
     """The step's buffers: centered input and reconstruction, (batch, d_in) each, and per
-    thread the encode's product tile (~1 MiB, cpp/ksae/encode.hpp) and its candidates
+    thread the encode's product tile (~1 MiB, cpp/ksae/encode_tiles.hpp) and its candidates
     (batch x (2k + 16) entries of a key, a value and an int64 index)."""
     batch, d_in, n, k = shape
     per_thread = MIB + batch * (2 * k + 16) * (2 * ITEMSIZE + 8)

@@ -29,7 +29,7 @@ encoder weights are one contiguous row; ``W_enc_`` shows it as (d_in, n_latents)
 model has one more, ``log_threshold`` (n_latents,)."""
 
 _TILE_BYTES = 1 << 20
-"""kTileBytes of cpp/ksae/encode.hpp: the encode kernel multiplies tiles of about this many
+"""kTileBytes of cpp/ksae/encode_tiles.hpp: the encode kernel multiplies tiles of about this many
 bytes of (rows x latents) products and selects from each while it is in cache."""
 
 
