@@ -64,14 +64,18 @@ if ! "${build_cmd[@]}" >"$work/build.log" 2>&1; then
   exit 1
 fi
 
-# The flags must have reached the compiler and the linker, not only the CMake cache.
-compile_line=$(grep -E -- '-c [^ ]*bindings\.cpp' "$work/build.log" | tail -n 1 || true)
-if [[ "$compile_line" != *"-fsanitize=address,undefined"* || "$compile_line" != *"$opt -g"* ]]; then
-  echo "sanitize.sh: the compile line lacks the sanitizer flags:" >&2
-  echo "${compile_line:-<no compile line for bindings.cpp in build.log>}" >&2
-  exit 1
-fi
-echo "compile: ${compile_line#*] }"
+# The flags must have reached the compiler and the linker, not only the CMake cache: the
+# compile line of every source of the extension (cpp/bindings/*.cpp) must carry them.
+sources=(cpp/bindings/*.cpp)
+for src in "${sources[@]}"; do
+  compile_line=$(grep -E -- "-c [^ ]*${src//./\\.}( |\$)" "$work/build.log" | tail -n 1 || true)
+  if [[ "$compile_line" != *"-fsanitize=address,undefined"* || "$compile_line" != *"$opt -g"* ]]; then
+    echo "sanitize.sh: the compile line of $src lacks the sanitizer flags:" >&2
+    echo "${compile_line:-<no compile line for $src in build.log>}" >&2
+    exit 1
+  fi
+done
+echo "compile (${#sources[@]} sources, the last): ${compile_line#*] }"
 # Located without importing it: importing needs the ASan runtime preloaded (below).
 platlib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
 so=$(find "$platlib/ksae" -maxdepth 1 -name '_core*.so' | head -n 1)

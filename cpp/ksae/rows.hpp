@@ -1,5 +1,5 @@
-// The training loop's passes over its rows (batch gathers, data statistics): plain C++17,
-// no bindings here.
+// The training loop's passes over its rows (batch gathers, data statistics) and its firing
+// counts: plain C++17, no bindings here.
 #pragma once
 
 #include "common.hpp"
@@ -62,6 +62,18 @@ double sums_and_squares(const T* X, Index n, Index d, int n_threads, double* sum
     }
   }
   return squares;
+}
+
+// mark_fired's update, on checked arrays: counts (n) grow by n_samples, then the latent of
+// each of the `entries` code entries whose value is above `bar` (non-zero without a
+// threshold) is set to 0.
+template <class T>
+void advance_counts(LatentIndex* counts, Index n, const T* values, const LatentIndex* indices,
+                    Index entries, Index n_samples, bool threshold, T bar) {
+  for (Index j = 0; j < n; ++j) counts[j] += n_samples;
+  for (Index p = 0; p < entries; ++p) {
+    if (threshold ? values[p] > bar : values[p] != T(0)) counts[indices[p]] = 0;
+  }
 }
 
 }  // namespace ksae

@@ -1,4 +1,4 @@
-"""Type stub of ksae's private C++ extension (see cpp/bindings.cpp)."""
+"""Type stub of ksae's private C++ extension (see cpp/bindings/)."""
 
 from typing import Sequence
 
