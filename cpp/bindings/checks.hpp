@@ -8,14 +8,13 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ksae/common.hpp"
-
-namespace ksae {
-struct AdamSettings;
-}  // namespace ksae
+#include "ksae/optim.hpp"
 
 namespace py = pybind11;
 
@@ -24,7 +23,17 @@ namespace ksae::bindings {
 constexpr Index kAny = -1;
 
 // `shape` as NumPy prints it, kAny as "*".
-std::string shape_str(const std::vector<Index>& shape);
+inline std::string shape_str(const std::vector<Index>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s << ", ";
+    if (shape[i] == kAny) s << "*"; else s << shape[i];
+  }
+  if (shape.size() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
 
 template <class T> const char* dtype_name();
 template <> inline const char* dtype_name<float>() { return "float32"; }
@@ -33,7 +42,12 @@ template <> inline const char* dtype_name<LatentIndex>() { return "int64"; }
 template <> inline const char* dtype_name<bool>() { return "bool"; }
 
 // Throws TypeError naming `name` unless `obj` is a numpy array.
-void require_array(const py::handle& obj, const char* name);
+inline void require_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                         std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  }
+}
 
 // Returns the data pointer of `obj` after checking that it is a C-contiguous array of T with
 // the expected shape (kAny matches any extent). Throws TypeError/ValueError naming `name`.
@@ -58,13 +72,40 @@ T* checked(const py::handle& obj, const char* name, const std::vector<Index>& sh
 }
 
 // Extent `axis` of the numpy array `obj` (checked by the caller).
-Index dim(const py::handle& obj, int axis);
+inline Index dim(const py::handle& obj, int axis) {
+  return py::reinterpret_borrow<py::array>(obj).shape(axis);
+}
 
 // Throws unless `obj` is a 2-D numpy array.
-void check_2d(const py::handle& obj, const char* name);
+inline void check_2d(const py::handle& obj, const char* name) {
+  require_array(obj, name);
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() != 2) {
+    throw py::value_error(std::string(name) + ": expected a 2-D array, got " +
+                          std::to_string(arr.ndim()) + "-D");
+  }
+}
+
+// The activations by name, in the order parse_activation's error message lists them.
+inline const std::vector<std::pair<std::string, ksae::Activation>>& activation_names() {
+  static const std::vector<std::pair<std::string, ksae::Activation>> names = {
+      {"relu", ksae::Activation::relu},         {"linear", ksae::Activation::linear},
+      {"sigmoid", ksae::Activation::sigmoid},   {"tanh", ksae::Activation::tanh},
+      {"leaky_relu", ksae::Activation::leaky_relu}, {"elu", ksae::Activation::elu},
+      {"swish", ksae::Activation::swish},       {"gelu", ksae::Activation::gelu},
+      {"softmax", ksae::Activation::softmax}};
+  return names;
+}
 
 // The activation named `name` ('relu', 'linear', ...); ValueError listing the names otherwise.
-ksae::Activation parse_activation(const std::string& name);
+inline ksae::Activation parse_activation(const std::string& name) {
+  std::string known;
+  for (const auto& [key, act] : activation_names()) {
+    if (key == name) return act;
+    known += (known.empty() ? "'" : ", '") + key + "'";
+  }
+  throw py::value_error("activation: expected one of " + known + ", got '" + name + "'");
+}
 
 // The optional (batch, k) buffer for the kept pre-activations, or null.
 template <class T>
@@ -73,18 +114,40 @@ T* optional_buffer(const py::object& obj, const char* name, Index batch, Index k
 }
 
 // Throws unless 1 <= k <= n_latents.
-void check_k(Index k, Index n_latents);
+inline void check_k(Index k, Index n_latents) {
+  if (k < 1 || k > n_latents) {
+    throw py::value_error("k: expected 1 <= k <= n_latents = " + std::to_string(n_latents) +
+                          ", got " + std::to_string(k));
+  }
+}
 
 // Throws unless each of the `count` indices of a code (k per row) lies in [0, n_latents),
 // naming the first that does not by its (row, slot).
-void check_indices(const LatentIndex* idx, Index count, Index k, Index n_latents);
+inline void check_indices(const LatentIndex* idx, Index count, Index k, Index n_latents) {
+  for (Index p = 0; p < count; ++p) {
+    if (idx[p] < 0 || idx[p] >= n_latents) {
+      throw py::value_error("indices: entry (" + std::to_string(p / k) + ", " +
+                            std::to_string(p % k) + ") = " + std::to_string(idx[p]) +
+                            " is outside [0, " + std::to_string(n_latents) + ")");
+    }
+  }
+}
 
 // Whether `obj` is a float32 numpy array: the bindings run their float kernel then, the
 // double one otherwise (whose checks then name any wrong dtype).
-bool is_float32(const py::handle& obj);
+inline bool is_float32(const py::handle& obj) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  return py::isinstance<py::array_t<float>>(obj);
+}
 
 // Throws unless lr >= 0, 0 <= beta1 < 1, 0 <= beta2 < 1, eps > 0 and step >= 1.
-void check_adam(const ksae::AdamSettings& s);
+inline void check_adam(const ksae::AdamSettings& s) {
+  if (!(s.lr >= 0)) throw py::value_error("lr: expected a value >= 0, got " + std::to_string(s.lr));
+  if (!(s.beta1 >= 0 && s.beta1 < 1)) throw py::value_error("beta1: expected 0 <= beta1 < 1");
+  if (!(s.beta2 >= 0 && s.beta2 < 1)) throw py::value_error("beta2: expected 0 <= beta2 < 1");
+  if (!(s.eps > 0)) throw py::value_error("eps: expected a value > 0");
+  if (s.step < 1) throw py::value_error("step: expected an update count >= 1");
+}
 
 // The output buffer `given` (checked: rows x cols, writable), or a new array when it is None.
 template <class T>
