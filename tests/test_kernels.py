@@ -1099,6 +1099,14 @@ def test_build_info_reports_openmp_and_threads():
     assert _core.max_threads() == info["max_threads"]
 
 
+def test_build_info_reports_the_cmake_build_type():
+    import ksae
+
+    # pip install builds Release; scripts/sanitize.sh a Debug build, whose products round
+    # differently at -O1 (tests/test_reference_run.py compares exactly only on Release).
+    assert ksae.build_info()["build_type"] in ("Release", "Debug", "RelWithDebInfo", "MinSizeRel")
+
+
 def test_thread_round_trip_is_a_positive_latency_where_two_threads_can_run():
     import os
     import subprocess

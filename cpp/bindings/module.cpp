@@ -77,6 +77,9 @@ PYBIND11_MODULE(_core, m) {
 #ifdef KSAE_ARCH
     info["arch"] = std::string(KSAE_ARCH);
 #endif
+#ifdef KSAE_BUILD_TYPE
+    info["build_type"] = std::string(KSAE_BUILD_TYPE);  // Release for pip install; rounding differs at -O1
+#endif
     return info;
   });
 

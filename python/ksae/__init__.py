@@ -36,7 +36,7 @@ def has_openmp() -> bool:
 
 def build_info() -> dict:
     """How the C++ core was built: OpenMP, default thread count, SIMD sets, Eigen version,
-    instruction-set target."""
+    instruction-set target and CMake build type (Release for ``pip install``)."""
     return dict(_core.build_info())
 
 
