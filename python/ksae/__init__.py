@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from . import _core
 from .config import ModelConfig, TrainConfig
 from .array_files import NpyRowStream, load_array
+from .activation_store import ActivationStore, ActivationStoreWriter
 from .datasets import ImageDataset, load_mnist, make_sparse_dictionary
 from .idx import read_idx
 from .metrics import dictionary_recovery, fraction_of_variance_explained
@@ -69,6 +70,7 @@ __all__ = [
     "SparseAutoencoder", "SparseCode", "ModelState", "Trainer", "BatchSource", "NotFittedError", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
     "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
     "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
-    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "write_report",
+    "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "ActivationStore",
+    "ActivationStoreWriter", "write_report",
     "has_openmp", "build_info", "thread_round_trip_ns", "__version__",
 ]

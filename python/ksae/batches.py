@@ -166,6 +166,11 @@ def training_rows(X: Any, dtype: np.dtype | str, n_features: int | None = None) 
                              f"{X.n_features} in {X.path}")
         return StreamRows(X, dtype)
     if isinstance(X, BatchSource):
+        given = getattr(X, "dtype", None)
+        if given is not None and np.dtype(given) != np.dtype(dtype):
+            raise ValueError(f"X: {type(X).__name__} gives {np.dtype(given).name} rows, the "
+                             f"model is {np.dtype(dtype).name}; open it with dtype="
+                             f"{np.dtype(dtype).name!r}")
         if n_features is not None and X.shape[1] != n_features:
             raise ValueError(f"X: expected {n_features} features (the model's d_in), got "
                              f"{X.shape[1]} from {type(X).__name__}")
