@@ -146,3 +146,19 @@ def test_a_run_on_the_store_resumes_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
     with pytest.raises(ValueError, match="not the data the checkpoint"):
         ksae.resume(checkpoint, write_store(tmp_path / "other", n_documents=41), epochs=3)
+
+
+def test_ksae_train_runs_on_a_store_with_documents_held_out(tmp_path):
+    from ksae.cli import main
+
+    write_store(tmp_path / "s", n_documents=80)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "store", "--path", str(tmp_path / "s"), "--n-latents", "32",
+                 "--k", "4", "--epochs", "2", "--test-fraction", "0.25", "--out", str(out),
+                 "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_rows = all_rows(80).shape[0]
+    assert metrics["n_train"] + metrics["n_test"] == n_rows and metrics["n_test"] > 0
+    assert ksae.load(out / "model").n_features_in_ == D
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "store", "--out", str(tmp_path / "bad")])

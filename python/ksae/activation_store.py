@@ -205,7 +205,11 @@ class ActivationStore:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """What the manifest says of the rows' source (model, layer, harvest settings)."""
         return self.manifest["metadata"]
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
     def _part(self, index: int, part: str) -> np.ndarray:
         """One part of shard ``index``, memory-mapped, its checksum verified on first use."""

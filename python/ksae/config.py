@@ -301,7 +301,7 @@ class TrainConfig:
         self.kl_coef = check_positive_float("kl_coef", self.kl_coef, allow_zero=True)
 
 
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "array")
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "array", "store")
 IMAGE_DATASET_NAMES = ("mnist", "fashion-mnist")
 
 
@@ -319,10 +319,12 @@ class DataConfig:
     in [0, 1], with labels); ``array`` is a 2-D matrix in a ``.npy`` or ``.npz`` file."""
 
     dataset: str = field(default="synthetic", metadata=_help(
-        "dataset to train on: synthetic, mnist, fashion-mnist or array", choices=DATASETS))
+        "dataset to train on: synthetic, mnist, fashion-mnist, array or store (an activation "
+        "store directory, ksae.ActivationStore)", choices=DATASETS))
     path: str | None = field(default=None, metadata=_help(
-        "array: the .npy or .npz training file; mnist/fashion-mnist: a directory holding the "
-        "IDX files (default: search the system copy and the cache, then download)"))
+        "array: the .npy or .npz training file; store: the store's directory; "
+        "mnist/fashion-mnist: a directory holding the IDX files (default: search the system "
+        "copy and the cache, then download)"))
     test_path: str | None = field(default=None, metadata=_help(
         "array: a separate .npy or .npz test file (default: hold out the last test_fraction "
         "of the rows of path)"))
@@ -342,7 +344,7 @@ class DataConfig:
     noise: float = field(default=0.01, metadata=_help("synthetic: Gaussian noise per feature"))
     test_fraction: float = field(default=0.2, metadata=_help(
         "synthetic, and array without test_path: fraction of the samples held out for "
-        "testing (the last rows)"))
+        "testing (the last rows); store: fraction of the documents held out, whole"))
 
     def __post_init__(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
@@ -371,10 +373,11 @@ class DataConfig:
         if self.dataset == "synthetic" and self.path is not None:
             raise ValueError("path: the synthetic dataset is generated, not read; "
                              f"got path={self.path!r} (use dataset 'array' for a file)")
+        if self.dataset in ("store", "array") and self.path is None:
+            raise ValueError(f"path: dataset {self.dataset!r} needs path, "
+                             + ("a .npy or .npz file" if self.dataset == "array" else "a directory"))
         if self.dataset != "array":
             return
-        if self.path is None:
-            raise ValueError("path: dataset 'array' needs path, a .npy or .npz file")
         for name in ("path", "test_path"):
             value = getattr(self, name)
             if value is not None and not value.lower().endswith((".npy", ".npz")):

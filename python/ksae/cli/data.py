@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..activation_store import ActivationStore
 from ..array_files import NpyRowStream, load_array
 from ..config import DataConfig
 
@@ -15,8 +16,8 @@ from ..config import DataConfig
 class ExperimentData:
     """Train and test data of a run, and what the report and probe need to know about it."""
 
-    train: np.ndarray | NpyRowStream
-    """Training rows: an array, or a stream of a .npy file (``stream``)."""
+    train: np.ndarray | NpyRowStream | ActivationStore
+    """Training rows: an array, a stream of a .npy file (``stream``), or an activation store."""
     test: np.ndarray
     """Test rows, in memory."""
     description: str
@@ -40,6 +41,8 @@ class ExperimentData:
         """The training rows in file order, a chunk at a time (streams stay on disk)."""
         if isinstance(self.train, NpyRowStream):
             yield from self.train.iter_chunks(chunk_rows)
+        elif isinstance(self.train, ActivationStore):
+            yield from self.train.batches(chunk_rows, seed=None)
         else:
             for start in range(0, len(self.train), chunk_rows):
                 yield self.train[start:start + chunk_rows]
@@ -60,6 +63,8 @@ def load_data(data: DataConfig, seed: int, dtype: str) -> ExperimentData:
         return _synthetic(data, seed, dtype)
     if data.dataset == "array":
         return _array(data, dtype)
+    if data.dataset == "store":
+        return _store(data, dtype)
     return _images(data, dtype)
 
 
@@ -118,3 +123,16 @@ def _array(data: DataConfig, dtype: str) -> ExperimentData:
                           f" (test: its last {len(test)} rows)")
     return ExperimentData(train, test, f"array {source}: {len(train)} training and {len(test)} test "
                           f"rows of width {train.shape[1]}, {how}")
+
+
+def _store(data: DataConfig, dtype: str) -> ExperimentData:
+    """An activation store: test_fraction of its documents held out whole (seed 0), the
+    test rows read into memory, the training rows streamed."""
+    assert data.path is not None  # DataConfig checks it
+    train, test = ActivationStore(data.path, dtype=dtype).split_documents(data.test_fraction)
+    test_rows = np.concatenate(list(test.batches(65536, seed=None)))
+    about = ", ".join(f"{k} {v}" for k, v in train.metadata.items() if isinstance(v, (str, int, float)))
+    return ExperimentData(train, test_rows,
+                          f"activation store {data.path}{f' ({about})' if about else ''}: "
+                          f"{len(train)} training and {len(test_rows)} test rows of width "
+                          f"{train.shape[1]}, documents held out whole, streamed from disk")
