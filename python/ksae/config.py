@@ -18,6 +18,7 @@ DTYPES = ("float32", "float64")
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
 OUTPUT_ACTIVATIONS = ("linear", "sigmoid")
 LOSSES = ("mse", "bce")
+NORMALIZATIONS = ("none", "mean_norm")
 SPARSITIES = ("topk", "batchtopk", "jumprelu", "l1", "kl")
 DENSE_SPARSITIES = ("l1", "kl")
 """Sparsities without a fixed k: every latent is in the code (the classic sparse autoencoders)."""
@@ -222,6 +223,11 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata=_help(
         "with a checkpoint path, also save a checkpoint every this many steps (0: at the end "
         "of each epoch and on Ctrl-C only)"))
+    normalize_activations: str = field(default="none", metadata=_help(
+        "mean_norm: train on the rows scaled by one factor (estimated once, from the first "
+        "65536 rows) to mean norm sqrt(d_in), the scale then folded into b_enc, b_dec and the "
+        "thresholds so the fitted model takes raw rows (relu-like activations, linear output)",
+        choices=NORMALIZATIONS))
     l0_coef: float = field(default=1e-3, metadata=_help(
         "sparsity='jumprelu': weight of the L0 penalty, l0_coef times the active latents per "
         "sample averaged over the batch (its gradient reaches the thresholds only)"))
@@ -283,6 +289,7 @@ class TrainConfig:
             self.auxk_k = check_int("auxk_k", self.auxk_k, 1)
         self.resample_every = check_int("resample_every", self.resample_every, 0)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_choice("normalize_activations", self.normalize_activations, NORMALIZATIONS)
         if not isinstance(self.lazy_adam, bool):
             raise TypeError(f"lazy_adam: expected a bool, got {self.lazy_adam!r}")
         if self.lazy_adam and self.optimizer not in ("adam", "adamw"):

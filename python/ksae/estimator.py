@@ -17,6 +17,7 @@ import numpy as np
 
 from . import sklearn_compat
 from .batches import BatchSource, fingerprint, training_rows
+from .normalization import fold_input_scale, normalized
 from .config import ModelConfig, TrainConfig, check_known_keys, field_names
 from .exceptions import not_fitted
 from .metrics import fraction_of_variance_explained
@@ -253,12 +254,13 @@ class SparseAutoencoder(_FittedAttributes):
         data = {"fingerprint": fingerprint(source), "validation_rows": held_out}
         if held_out is not None:
             source, X_val = source.split(held_out)
+        source, X_val, scale = normalized(source, X_val, train_cfg, cfg)
         self._start(ModelState.initialize(cfg, source.shape[1], rng, source.sample()))
         self._optimizer = make_optimizer(train_cfg)
         trainer = Trainer(self._state, self._optimizer, train_cfg, callback=callback,
                           checkpoint=checkpoint, data=data, history=self.history_,
                           step_history=self.step_history_)
-        return self.train_with(trainer, source, X_val)
+        return self.train_with(trainer, source, X_val, input_scale=scale)
 
     def _start(self, state: ModelState, history: dict[str, list] | None = None,
                step_history: dict[str, list] | None = None) -> None:
@@ -270,11 +272,15 @@ class SparseAutoencoder(_FittedAttributes):
             self.__dict__.pop(name, None)
 
     def train_with(self, trainer: Trainer, source: BatchSource, X_val: np.ndarray | None = None,
-                   position: TrainingPosition | None = None) -> "SparseAutoencoder":
+                   position: TrainingPosition | None = None, *,
+                   input_scale: float = 1.0) -> "SparseAutoencoder":
         """Run ``trainer`` (made on this model's ``state_``) over the batch source, scoring
         ``X_val`` after each epoch, from ``position`` when resuming; records
-        ``stopped_epoch_`` and ``best_epoch_``. ``fit`` and ``ksae.resume`` end here."""
+        ``stopped_epoch_`` and ``best_epoch_``. Rows that training saw times ``input_scale``
+        (``normalize_activations``) have that scale folded into the weights at the end.
+        ``fit`` and ``ksae.resume`` end here."""
         outcome = trainer.run(source, X_val, position)
+        fold_input_scale(trainer.state, input_scale)
         if outcome.stopped_epoch is not None:
             self.stopped_epoch_ = outcome.stopped_epoch
         if outcome.best_epoch is not None:

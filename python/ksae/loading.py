@@ -11,6 +11,7 @@ from .batches import fingerprint, training_rows
 from .checkpoint import read_checkpoint
 from .config import TrainConfig
 from .estimator import SparseAutoencoder
+from .normalization import normalized
 from .progress import TrainingPosition
 from .serialization import read_model
 from .training import Trainer
@@ -85,6 +86,7 @@ def resume(path: str | os.PathLike, X: Any, *, validation_data: Any = None,
     if train_cfg.early_stopping_patience and X_val is None:
         raise ValueError("validation_data: this run uses early stopping; resume it with the "
                          "same validation_data")
+    source, X_val, scale = normalized(source, X_val, train_cfg, state.cfg)
     trainer = Trainer(state, ckpt.optimizer, train_cfg, callback=callback, checkpoint=path,
                       data=ckpt.data, history=model.history_, step_history=model.step_history_)
-    return model.train_with(trainer, source, X_val, ckpt.position)
+    return model.train_with(trainer, source, X_val, ckpt.position, input_scale=scale)
