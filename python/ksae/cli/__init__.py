@@ -1,4 +1,5 @@
-"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode`` and ``ksae sweep``.
+"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode``, ``ksae sweep``
+and ``ksae features``.
 
 ``ksae-train`` is ``ksae train``. Options of the model, training and data are generated from
 the configuration dataclasses (``ksae.config``, see ``ksae.cli.options``), so an option is
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ksae`` parser with one sub-parser per command."""
     from .encode import add_encode_arguments, encode_command
     from .evaluate import add_evaluate_arguments, evaluate_command
+    from .features import add_features_arguments, features_command
     from .sweep import add_sweep_arguments, sweep_command
 
     parser = argparse.ArgumentParser(
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
          add_encode_arguments, encode_command),
         ("sweep", "train one run per k and compare them (and PCA) in one report",
          add_sweep_arguments, sweep_command),
+        ("features", "a page of each latent's top-activating contexts in an activation store "
+                     "(HTML and JSON)", add_features_arguments, features_command),
     ]
     for name, help_text, add_arguments, command in specs:
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
