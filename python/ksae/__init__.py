@@ -26,6 +26,7 @@ from .classifier import SparseClassifier
 from .optim import SGD, Adam, RMSprop
 from .report import write_report
 from .loading import Checkpoint, load, load_checkpoint, resume
+from .interchange import export_model
 from .training import Trainer, TrainingInterrupted
 from .batches import BatchSource
 
@@ -68,7 +69,7 @@ def __getattr__(name: str) -> ModuleType:
 
 __all__ = [
     "SparseAutoencoder", "SparseCode", "ModelState", "Trainer", "BatchSource", "NotFittedError", "LinearProbe", "SparseClassifier", "ModelConfig", "TrainConfig", "Adam", "SGD", "RMSprop",
-    "load", "load_checkpoint", "resume", "Checkpoint", "TrainingInterrupted",
+    "load", "load_checkpoint", "resume", "export_model", "Checkpoint", "TrainingInterrupted",
     "make_sparse_dictionary", "dictionary_recovery", "fraction_of_variance_explained",
     "load_mnist", "ImageDataset", "read_idx", "load_array", "NpyRowStream", "ActivationStore",
     "ActivationStoreWriter", "write_report",

@@ -12,17 +12,19 @@ from .checkpoint import read_checkpoint
 from .config import TrainConfig
 from .estimator import SparseAutoencoder
 from .normalization import normalized
+from .interchange import read_any
 from .progress import TrainingPosition
-from .serialization import read_model
 from .training import Trainer
 from .validation import as_float_matrix
 
 
 def load(path: str | os.PathLike) -> SparseAutoencoder:
-    """Load a model saved with ``SparseAutoencoder.save``. Raises ``FileNotFoundError`` when
-    a file is missing and ``ValueError`` when a file is damaged, tampered with or from an
-    unknown format version."""
-    state, config = read_model(path)
+    """Load a model saved with ``SparseAutoencoder.save``, or by SAELens (``cfg.json`` +
+    ``sae_weights.safetensors``) or sparsify (``cfg.json`` + ``sae.safetensors``): the format
+    is told by the files (``ksae.interchange``). Raises ``FileNotFoundError`` when a file is
+    missing and ``ValueError`` when a file is damaged, tampered with, from an unknown format
+    version, or holds a model ksae cannot represent exactly."""
+    state, config = read_any(path)
     return SparseAutoencoder.from_state(state, history=config.get("history", {}))
 
 

@@ -1,5 +1,5 @@
-"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode``, ``ksae sweep``
-and ``ksae features``.
+"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode``, ``ksae sweep``,
+``ksae export`` and ``ksae features``.
 
 ``ksae-train`` is ``ksae train``. Options of the model, training and data are generated from
 the configuration dataclasses (``ksae.config``, see ``ksae.cli.options``), so an option is
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ksae`` parser with one sub-parser per command."""
     from .encode import add_encode_arguments, encode_command
     from .evaluate import add_evaluate_arguments, evaluate_command
+    from .export import add_export_arguments, export_command
     from .features import add_features_arguments, features_command
     from .sweep import add_sweep_arguments, sweep_command
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
          add_encode_arguments, encode_command),
         ("sweep", "train one run per k and compare them (and PCA) in one report",
          add_sweep_arguments, sweep_command),
+        ("export", "write a saved model in SAELens's or sparsify's format",
+         add_export_arguments, export_command),
         ("features", "a page of each latent's top-activating contexts in an activation store "
                      "(HTML and JSON)", add_features_arguments, features_command),
     ]
