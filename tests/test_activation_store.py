@@ -162,3 +162,35 @@ def test_ksae_train_runs_on_a_store_with_documents_held_out(tmp_path):
     assert ksae.load(out / "model").n_features_in_ == D
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "store", "--out", str(tmp_path / "bad")])
+
+
+def test_ksae_evaluate_reports_the_field_metrics_on_the_held_out_documents(tmp_path, capsys):
+    from ksae.cli import main
+    from ksae.field_metrics import store_metrics
+
+    write_store(tmp_path / "s", n_documents=80)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "store", "--path", str(tmp_path / "s"), "--n-latents", "32",
+                 "--k", "4", "--epochs", "2", "--test-fraction", "0.25", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "e.json")]) == 0
+    figures = json.loads((tmp_path / "e.json").read_text())
+    test = ActivationStore(tmp_path / "s").split_documents(0.25)[1]
+    expected = store_metrics(ksae.load(out / "model"), test)
+    for name in ("fvu", "l0", "dead_fraction", "dense_fraction", "relative_reconstruction_bias"):
+        assert figures[f"test_{name}"] == pytest.approx(expected[name], rel=1e-12)
+    assert figures["test_log_density_histogram"] == expected["log_density_histogram"]
+    assert figures["test_fvu"] == pytest.approx(1 - figures["test_fve"], rel=1e-5)
+
+
+def test_ksae_evaluate_spliced_needs_a_store_run(tmp_path, capsys):
+    from ksae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--n-samples", "400", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(out), "--spliced"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ksae evaluate: error: --spliced: needs a model trained on an activation store (--dataset store)")

@@ -1,5 +1,5 @@
-"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode``, ``ksae sweep``,
-``ksae export`` and ``ksae features``.
+"""The ``ksae`` command: ``ksae train``, ``ksae evaluate``, ``ksae encode``, ``ksae harvest``,
+``ksae sweep``, ``ksae export`` and ``ksae features``.
 
 ``ksae-train`` is ``ksae train``. Options of the model, training and data are generated from
 the configuration dataclasses (``ksae.config``, see ``ksae.cli.options``), so an option is
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_evaluate_arguments, evaluate_command
     from .export import add_export_arguments, export_command
     from .features import add_features_arguments, features_command
+    from .harvest import add_harvest_arguments, harvest_command
     from .sweep import add_sweep_arguments, sweep_command
 
     parser = argparse.ArgumentParser(
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "on a dataset's test split", add_evaluate_arguments, evaluate_command),
         ("encode", "encode a dataset to sparse codes (.npz with values and indices)",
          add_encode_arguments, encode_command),
+        ("harvest", "store a transformer's activations at one layer over text (the hf extra)",
+         add_harvest_arguments, harvest_command),
         ("sweep", "train one run per k and compare them (and PCA) in one report",
          add_sweep_arguments, sweep_command),
         ("export", "write a saved model in SAELens's or sparsify's format",

@@ -28,6 +28,9 @@ class ExperimentData:
     """(height, width) of image data, for plots."""
     directions: np.ndarray | None = None
     """The planted directions of synthetic data."""
+    test_store: ActivationStore | None = None
+    """An activation store's held-out view (its documents and token ids), for the field's
+    metrics and the spliced-in metric."""
 
     @property
     def n_train(self) -> int:
@@ -132,7 +135,7 @@ def _store(data: DataConfig, dtype: str) -> ExperimentData:
     train, test = ActivationStore(data.path, dtype=dtype).split_documents(data.test_fraction)
     test_rows = np.concatenate(list(test.batches(65536, seed=None)))
     about = ", ".join(f"{k} {v}" for k, v in train.metadata.items() if isinstance(v, (str, int, float)))
-    return ExperimentData(train, test_rows,
+    return ExperimentData(train, test_rows, test_store=test, description=
                           f"activation store {data.path}{f' ({about})' if about else ''}: "
                           f"{len(train)} training and {len(test_rows)} test rows of width "
                           f"{train.shape[1]}, documents held out whole, streamed from disk")
