@@ -3,7 +3,6 @@ and real processes killed at random points always leave a checkpoint that loads.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

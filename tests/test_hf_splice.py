@@ -63,7 +63,7 @@ def test_causal_lm_clean_loss_is_the_models_own_and_a_perfect_sae_recovers_all(s
         losses.append(float(out.loss) * (len(piece) - 1))
         counts.append(len(piece) - 1)
     assert figures["ce_clean"] == pytest.approx(sum(losses) / sum(counts), rel=1e-5)
-    assert figures["spliced_tokens"] == len(store)
+    assert figures["tokens"] == len(store)
 
 
 def test_encoder_perfect_sae_gives_cosine_one_and_a_trained_one_lies_between(stores):
@@ -81,7 +81,7 @@ def test_encoder_perfect_sae_gives_cosine_one_and_a_trained_one_lies_between(sto
 
 def test_max_tokens_limits_the_evaluation(stores):
     figures = spliced_metrics(Identity(), stores["bert"], max_tokens=30)
-    assert 30 <= figures["spliced_tokens"] < 30 + 20
+    assert 30 <= figures["tokens"] < 30 + 20
 
 
 def test_a_store_without_a_model_is_refused(tmp_path):

@@ -9,6 +9,8 @@ A store is a directory::
                                    as uint16 (the manifest says which)
     shard-00000.tokens.npy         (rows,) int64 token ids
     shard-00000.positions.npy      (rows, 2) int64 (document, position in the document)
+    vocabulary.json                optional (ksae harvest writes it): each token id's text,
+                                   for the feature page
 
 ``ActivationStoreWriter`` writes it shard by shard: each shard's files go to temporary names
 and are renamed into place before the manifest (itself replaced atomically) names them, so
@@ -37,6 +39,8 @@ from .config import check_choice, check_int
 from .serialization import atomic_write_bytes
 
 FORMAT, FORMAT_VERSION, MANIFEST = "ksae-activations", 1, "manifest.json"
+VOCABULARY_FILE = "vocabulary.json"
+"""Optional, beside the manifest: a JSON list, entry i the display text of token id i."""
 STORED_DTYPES = ("float32", "float16", "bfloat16")
 PARTS = ("rows", "tokens", "positions")
 
@@ -210,6 +214,11 @@ class ActivationStore:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        """Per shard, the index (in this view's rows) of its first row; then the row count."""
+        return self._starts.copy()
 
     def _part(self, index: int, part: str) -> np.ndarray:
         """One part of shard ``index``, memory-mapped, its checksum verified on first use."""

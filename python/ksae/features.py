@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from .activation_store import VOCABULARY_FILE
 from .config import check_int
 from .field_metrics import fired_latents, row_batches
 from .serialization import atomic_write_bytes
 from .sparsity import active_mask
 
 FORMAT, FORMAT_VERSION = "ksae-features", 1
-VOCABULARY = "vocabulary.json"
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -137,7 +137,7 @@ def _scan(sae: Any, store: Any, chosen: np.ndarray, top: int, sample_size: int,
 def _contexts(store: Any, rows: np.ndarray, context: int) -> dict[int, tuple[int, int, int, list[int]]]:
     """For each row of the view (sorted, unique): (document, position, index of the row in
     its tokens, the token ids of up to ``context`` rows either side in the same document)."""
-    starts = np.asarray(store._starts)
+    starts = store.shard_offsets
     shard_of = np.searchsorted(starts, rows, side="right") - 1
     offsets = np.arange(-context, context + 1)
     found: dict[int, tuple[int, int, int, list[int]]] = {}
@@ -165,7 +165,7 @@ def _example(value: float, row: int, contexts: dict[int, tuple[int, int, int, li
 
 def read_vocabulary(path: Path) -> list[str] | None:
     """The store's ``vocabulary.json`` (entry i: the text of token id i), or None if absent."""
-    where = path / VOCABULARY
+    where = path / VOCABULARY_FILE
     if not where.is_file():
         return None
     try:

@@ -26,13 +26,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__
-from .activation_store import ActivationStore, ActivationStoreWriter, read_manifest
+from .activation_store import VOCABULARY_FILE, ActivationStore, ActivationStoreWriter, read_manifest
 from .config import check_choice, check_int
 from .serialization import atomic_write_bytes
 from .texts import SPLITS, iter_documents
 from .transformer import LoadedModel, batch_inputs, check_layer, load_model, read_layer, vocabulary
-
-VOCABULARY_FILE = "vocabulary.json"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from safetensors.numpy import save as save_safetensors_bytes
 
 from . import __version__
 from .config import ModelConfig
-from .serialization import CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, read_model
+from .serialization import CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, read_json, read_model
 from .state import ModelState
 
 FORMATS = ("saelens", "sparsify")
@@ -119,10 +119,7 @@ def read_any(path: str | os.PathLike) -> tuple[ModelState, dict[str, Any]]:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"path: {str(path)!r} not found")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")  # noqa: TRY004 (a damaged file)
     return config

@@ -48,6 +48,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``; ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
 def save_model(state: ModelState, path: str | os.PathLike,
                history: dict[str, list] | None = None) -> Path:
     """Save a model state (and its training ``history``) to the directory ``path``; returns
@@ -82,10 +90,7 @@ def read_model(path: str | os.PathLike) -> tuple[ModelState, dict[str, Any]]:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"path: {str(p)!r} not found; is {str(directory)!r} a saved ksae model?")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json(config_path)
     if not isinstance(config, dict) or config.get("format") != "ksae":
         raise ValueError(f"{config_path}: not a ksae model configuration")
     if config.get("format_version") != FORMAT_VERSION:

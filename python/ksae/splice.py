@@ -148,4 +148,4 @@ def _summary(totals: _Totals, causal: bool, n_tokens: int, n_contexts: int) -> d
         d_zero = 1 - figures["embedding_cosine_zero"]
         d_sae = 1 - figures["embedding_cosine_sae"]
         figures["embedding_recovered"] = (d_zero - d_sae) / d_zero if d_zero else float("nan")
-    return {**figures, "spliced_tokens": n_tokens, "spliced_contexts": n_contexts}
+    return {**figures, "tokens": n_tokens, "contexts": n_contexts}
