@@ -439,9 +439,12 @@ def test_sweep_trains_one_run_per_k_and_reports_them(tmp_path, capsys):
         assert row["test_mse"] == metrics["test_mse"] and row["pca_mse"] == pca[row["k"]]
         assert row["mse_ratio"] == pytest.approx(row["test_mse"] / row["pca_mse"])
         assert row["train_seconds"] == metrics["train_seconds"] and row["test_l0"] == row["k"]
+        variance = ((data.test - data.test.mean(axis=0)) ** 2).astype(np.float64).mean()
+        assert row["test_fvu"] == pytest.approx(1 - metrics["test_fve"])
+        assert row["pca_fvu"] == pytest.approx(row["pca_mse"] / variance, rel=1e-4)
     assert (out / "sweep.png").is_file() and (out / "report.html").is_file()
     report = (out / "report.md").read_text()
-    assert "pca_mse" in report and "mse_ratio" in report and "sweep.png" in report
+    assert "| k | test MSE | PCA test MSE | MSE / PCA MSE |" in report and "sweep.png" in report
 
 
 def test_sweep_on_images_adds_reconstructions_and_probe(tmp_path, image_dir):

@@ -368,6 +368,39 @@ def test_sweep_single_series_name_and_linear_scale():
     assert ax.get_title() == "FVE"
 
 
+def test_sweep_labels_name_the_lines_and_the_axis_and_log_ticks_are_readable():
+    rows = [{"k": 2, "test_mse": 0.05, "pca_mse": 0.09}, {"k": 8, "test_mse": 0.02, "pca_mse": 0.04}]
+    fig = plots._sweep_figure(rows, "k", ("test_mse", "pca_mse"), None,
+                              {"test_mse": "test MSE", "pca_mse": "PCA MSE"}, "MSE")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["test MSE", "PCA MSE"]
+    assert ax.get_ylabel() == "MSE" and ax.get_yscale() == "log"
+    shown = [t.get_text() for t in ax.get_yticklabels() if t.get_text()
+             and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    assert len(shown) >= 3 and "0.05" in shown  # plain numbers, at least three ticks
+
+
+def test_frontier_plots_fvu_against_l0_with_pca(tmp_path):
+    rows = [{"k": 4, "test_l0": 4.0, "test_fvu": 0.30, "pca_fvu": 0.45},
+            {"k": 16, "test_l0": 15.5, "test_fvu": 0.10, "pca_fvu": 0.25},
+            {"k": 8, "test_l0": 8.0, "test_fvu": 0.18, "pca_fvu": None}]
+    out = plots.plot_frontier(rows, tmp_path / "frontier.png", dpi=DPI)
+    fig = plots._frontier_figure(rows, None)
+    assert_png(out, fig)
+    ax = fig.axes[0]
+    sae, pca = ax.get_lines()
+    np.testing.assert_array_equal(sae.get_xdata(), [4.0, 8.0, 15.5])
+    np.testing.assert_array_equal(sae.get_ydata(), [0.30, 0.18, 0.10])
+    np.testing.assert_array_equal(pca.get_xdata(), [4, 8, 16])
+    assert np.isnan(pca.get_ydata()[1])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["k-sparse autoencoder", "PCA, k components"]
+    assert ax.get_xlabel().startswith("L0") and ax.get_ylabel().startswith("FVU")
+    assert sorted(t.get_text() for t in ax.texts) == ["k=16", "k=4", "k=8"]
+    with pytest.raises(ValueError, match=r"rows\[0\].*pca_fvu"):
+        plots.plot_frontier([{"k": 1, "test_l0": 1, "test_fvu": 0.5}], tmp_path / "f.png", dpi=DPI)
+
+
 @pytest.mark.parametrize("rows, error, match", [
     ([], ValueError, "rows"),
     ({"k": 1}, TypeError, "rows"),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from .image_plots import plot_decoder_tiles, plot_reconstructions
 from .metrics import best_cosine_similarities
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_training_curves", "firing_frequencies", "plot_firing_histogram", "plot_decoder_tiles",
-    "plot_reconstructions", "plot_recovery", "plot_sweep", "write_run_plots",
+    "plot_reconstructions", "plot_recovery", "plot_sweep", "plot_frontier", "write_run_plots",
 ]
 
 
@@ -237,58 +237,110 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _sweep_figure(rows: Any, x: str, series: str | Sequence[str], title: str | None) -> Figure:
+def _columns(rows: Any, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The numeric columns ``keys`` of ``rows`` (dicts, one per sweep point), checked, sorted
+    by the first key (which must be finite in every row; a None elsewhere is a gap)."""
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
         raise TypeError(f"rows: expected a list of dicts (one per sweep point), got {type(rows).__name__}")
     if not rows:
         raise ValueError("rows: expected at least one row, got an empty list")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"rows[{i}]: expected a dict, got {type(row).__name__}")
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise ValueError(f"rows[{i}]: expected keys {list(keys)}, missing {missing} (it has {list(row)})")
+    x = keys[0]
+    xs = np.array([_number(row[x], f"rows[{i}][{x!r}]") for i, row in enumerate(rows)])
+    if not np.isfinite(xs).all():
+        raise ValueError(f"rows: expected a finite {x!r} in every row, got {xs.tolist()}")
+    order = np.argsort(xs, kind="stable")
+    return {key: np.array([_number(rows[i][key], f"rows[{i}][{key!r}]") for i in order]) for key in keys}
+
+
+def _scale_axes(ax: Any, xs: np.ndarray, ys: Sequence[np.ndarray]) -> None:
+    """Log2 x where it spans 8x or more (sweeps double k); log y where every value is
+    positive and spans 3x, with plain-number ticks at every digit of a decade (span under
+    10x), at 1, 2 and 5 (under 1000x), or at the decades, so at least three show."""
+    if (xs > 0).all() and xs.max() / xs.min() >= 8:
+        ax.set_xscale("log", base=2)
+    distinct = np.unique(xs[np.isfinite(xs)])
+    if distinct.size <= 16:
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(distinct, [f"{v:g}" for v in distinct])
+    values = np.concatenate([y[np.isfinite(y)] for y in ys])
+    if all_positive(*ys) and values.max() / values.min() >= 3:
+        ax.set_yscale("log")
+        span = values.max() / values.min()
+        subs = np.arange(1.0, 10.0) if span < 10 else (1.0, 2.0, 5.0) if span < 1000 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, alpha=0.3)
+
+
+def _sweep_figure(rows: Any, x: str, series: str | Sequence[str], title: str | None,
+                  labels: Mapping[str, str] | None = None, ylabel: str | None = None) -> Figure:
     names = (series,) if isinstance(series, str) else tuple(series)
     if not names or not all(isinstance(s, str) for s in names):
         raise ValueError(f"series: expected a metric name or a non-empty sequence of them, got {series!r}")
     if not isinstance(x, str):
         raise TypeError(f"x: expected the name of a column, got {type(x).__name__} {x!r}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"rows[{i}]: expected a dict, got {type(row).__name__}")
-        missing = [key for key in (x, *names) if key not in row]
-        if missing:
-            raise ValueError(f"rows[{i}]: expected keys {[x, *names]}, missing {missing} (it has {list(row)})")
-    xs = np.array([_number(row[x], f"rows[{i}][{x!r}]") for i, row in enumerate(rows)])
-    if not np.isfinite(xs).all():
-        raise ValueError(f"rows: expected a finite {x!r} in every row, got {xs.tolist()}")
-    order = np.argsort(xs, kind="stable")
-    xs = xs[order]
-    ys = {name: np.array([_number(rows[i][name], f"rows[{i}][{name!r}]") for i in order]) for name in names}
+    columns = _columns(rows, (x, *names))
+    labels = labels or {}
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    for name, y in ys.items():
-        ax.plot(xs, y, marker="o", label=name)
-    if all_positive(*ys.values()):
-        ax.set_yscale("log")
-    # Sweeps over k usually double it; a log2 axis spaces such points evenly.
-    if (xs > 0).all() and xs.max() / xs.min() >= 8:
-        ax.set_xscale("log", base=2)
-    distinct = np.unique(xs)
-    if distinct.size <= 16:
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks(distinct, [f"{v:g}" for v in distinct])
-    ax.grid(True, alpha=0.3)
+    for name in names:
+        ax.plot(columns[x], columns[name], marker="o", label=labels.get(name, name))
+    _scale_axes(ax, columns[x], [columns[n] for n in names])
     ax.legend(fontsize="small")
-    ax.set(title=title or f"{', '.join(names)} against {x}", xlabel=x,
-           ylabel=names[0] if len(names) == 1 else "value")
+    shown = [labels.get(n, n) for n in names]
+    ax.set(title=title or f"{', '.join(shown)} against {labels.get(x, x)}", xlabel=labels.get(x, x),
+           ylabel=ylabel or (shown[0] if len(names) == 1 else ", ".join(shown)))
     return fig
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, x: str = "k",
                series: str | Sequence[str] = ("test_mse", "pca_mse"), *, title: str | None = None,
+               labels: Mapping[str, str] | None = None, ylabel: str | None = None,
                dpi: float = DEFAULT_DPI) -> Path:
     """Metrics against a swept parameter: one line per name in ``series``, over the rows
     (dicts, one per sweep point, e.g. the per-k table of a k sweep) sorted by ``x``. Every
-    row needs ``x`` and each series (``None`` leaves a gap). The y axis is logarithmic when
-    every value is positive; the x axis is log2 when it spans a factor of 8 or more.
-    Returns ``path``."""
+    row needs ``x`` and each series (``None`` leaves a gap). ``labels`` maps column names
+    to the text shown (legend, axis); ``ylabel`` names the y axis. The y axis is
+    logarithmic (ticks as plain numbers, at least three) when every value is positive and
+    they span a factor of 3; the x axis is log2 when it spans a factor of 8 or more. Returns
+    ``path``."""
     out = output_path(path, dpi)
-    return save_figure(_sweep_figure(rows, x, series, title), out, dpi)
+    return save_figure(_sweep_figure(rows, x, series, title, labels, ylabel), out, dpi)
+
+
+def _frontier_figure(rows: Any, title: str | None) -> Figure:
+    sae = _columns(rows, ("test_l0", "test_fvu", "k"))
+    pca = _columns(rows, ("k", "pca_fvu"))
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(sae["test_l0"], sae["test_fvu"], marker="o", label="k-sparse autoencoder")
+    for l0, fvu, k in zip(sae["test_l0"], sae["test_fvu"], sae["k"]):
+        ax.annotate(f"k={k:g}", (l0, fvu), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    ax.plot(pca["k"], pca["pca_fvu"], marker="s", linestyle="--", label="PCA, k components")
+    _scale_axes(ax, np.concatenate([sae["test_l0"], pca["k"]]), [sae["test_fvu"], pca["pca_fvu"]])
+    ax.margins(x=0.08)  # room for the last point's k label
+    ax.legend(fontsize="small")
+    ax.set(title=title or "Sparsity against reconstruction on the test split",
+           xlabel="L0: active latents per test sample (PCA: components kept)",
+           ylabel="FVU: fraction of test variance unexplained")
+    return fig
+
+
+def plot_frontier(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                  title: str | None = None, dpi: float = DEFAULT_DPI) -> Path:
+    """The sparsity-accuracy frontier of a k sweep: test FVU against L0, the autoencoder's
+    points labelled with their k, next to PCA with k components (FVU against k). Each row
+    needs ``k``, ``test_l0``, ``test_fvu`` and ``pca_fvu`` (``ksae sweep``'s rows). Returns
+    ``path``."""
+    out = output_path(path, dpi)
+    return save_figure(_frontier_figure(rows, title), out, dpi)
 
 
 # --------------------------------------------------------------------------- a whole run

@@ -132,7 +132,8 @@ def _check_table(table: Any) -> tuple[list[str], list[list[Any]]]:
 
 def write_report(directory: str | os.PathLike, title: str, metrics: Mapping[str, Any],
                  images: Sequence[tuple[str, str]], *, notes: str | None = None,
-                 table: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                 table: Sequence[Mapping[str, Any]] | None = None,
+                 names: Mapping[str, str] | None = None) -> Path:
     """Write ``report.md`` and ``report.html`` into ``directory`` (created if needed) and
     return the path of ``report.html``.
 
@@ -145,6 +146,8 @@ def write_report(directory: str | os.PathLike, title: str, metrics: Mapping[str,
     - ``notes``: plain text shown under the title, paragraphs split at blank lines.
     - ``table``: a list of dicts, one per row (e.g. per k of a sweep), shown as a table with
       one column per key in order of first appearance.
+    - ``names``: readable names for metric names and table columns (``"test_mse"`` ->
+      ``"test MSE"``); a name not in it is shown as it is.
     """
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
@@ -160,7 +163,9 @@ def write_report(directory: str | os.PathLike, title: str, metrics: Mapping[str,
     directory = Path(directory)
     figures = _check_images(directory, images)
     columns, cells = _check_table(table) if table is not None else ([], [])
-    scalars = [(name, value, text) for name, value in metrics.items()
+    shown = names or {}
+    columns = [shown.get(c, c) for c in columns]
+    scalars = [(shown.get(name, name), value, text) for name, value in metrics.items()
                if (text := format_value(value)) is not None]
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", notes or "") if p.strip()]
 

@@ -97,11 +97,25 @@ def sweep_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+COLUMN_NAMES = {
+    "test_mse": "test MSE", "pca_mse": "PCA test MSE", "mse_ratio": "MSE / PCA MSE",
+    "test_fve": "test FVE", "test_fvu": "test FVU", "pca_fvu": "PCA test FVU", "test_l0": "test L0",
+    "test_dead_fraction": "dead on test", "probe_accuracy": "probe accuracy",
+    "train_seconds": "training (s)", "dataset": "dataset", "n_latents": "latents",
+    "batch_size": "batch size", "lr": "learning rate", "n_train": "training rows",
+    "n_test": "test rows"}
+"""Readable names of the sweep report's columns and figures."""
+
+
 def sweep_row(k: int, metrics: dict[str, Any], pca_mse: float) -> dict[str, Any]:
     """One line of the sweep table."""
+    test_fvu = 1 - metrics["test_fve"]
     row: dict[str, Any] = {"k": k, "test_mse": metrics["test_mse"], "pca_mse": pca_mse,
                            "mse_ratio": metrics["test_mse"] / pca_mse if pca_mse > 0 else None,
-                           "test_fve": metrics["test_fve"], "test_l0": metrics["test_l0"],
+                           "test_fve": metrics["test_fve"], "test_fvu": test_fvu,
+                           # the same test variance divides both: FVU = MSE / (variance per element)
+                           "pca_fvu": test_fvu * pca_mse / metrics["test_mse"] if metrics["test_mse"] > 0 else None,
+                           "test_l0": metrics["test_l0"],
                            "test_dead_fraction": metrics["test_dead_fraction"]}
     if "probe_accuracy" in metrics:
         row["probe_accuracy"] = metrics["probe_accuracy"]
@@ -113,14 +127,15 @@ def write_sweep_outputs(out: Path, base: dict[str, Any], data: ExperimentData, r
                         originals: np.ndarray, reconstructions: dict[str, np.ndarray], seed: int) -> None:
     """``sweep.json``, ``sweep.png`` (and ``reconstructions.png``) and the report."""
     import ksae
-    from ..plots import plot_reconstructions, plot_sweep
+    from ..plots import plot_frontier, plot_reconstructions
 
     out.mkdir(parents=True, exist_ok=True)
     config = {section: asdict(cfg) for section, cfg in base.items()} | {"seed": seed}
     del config["model"]["k"]
     write_json(out / "sweep.json", {"rows": rows, "config": config})
-    plot_sweep(rows, out / "sweep.png", title="Test MSE against k: ksae and PCA with k components")
-    images = [("Test MSE against k: the k-sparse autoencoder and PCA with k components", "sweep.png")]
+    plot_frontier(rows, out / "sweep.png")
+    images = [("Test FVU against L0: the k-sparse autoencoder (each point a k) and PCA with k "
+               "components", "sweep.png")]
     if reconstructions:
         assert data.image_shape is not None
         plot_reconstructions(originals, reconstructions, data.image_shape, out / "reconstructions.png")
@@ -130,6 +145,6 @@ def write_sweep_outputs(out: Path, base: dict[str, Any], data: ExperimentData, r
                "batch_size": train.batch_size, "lr": train.lr, "n_train": data.n_train,
                "n_test": int(len(data.test))}
     ksae.write_report(out, f"k sweep: {base['data'].dataset}, n_latents={model.n_latents}", summary, images,
-                      table=rows, notes=f"Data: {data.description}. PCA: the top k principal "
-                      "components of the training data (pca_mse); mse_ratio is test_mse / pca_mse. "
-                      "Each k's run directory is k=<k>/.")
+                      table=rows, names=COLUMN_NAMES, notes=f"Data: {data.description}. PCA: the "
+                      "top k principal components of the training data, applied to the test split. "
+                      "FVU: fraction of the test variance unexplained. Each k's run directory is k=<k>/.")
