@@ -68,6 +68,15 @@ def from_stored(stored: np.ndarray, dtype: str, out_dtype: np.dtype | str) -> np
     return np.ascontiguousarray(stored, dtype=out_dtype)
 
 
+def _file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read a block at a time (a shard is never wholly in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -227,7 +236,7 @@ class ActivationStore:
         key = (index, part)
         try:
             if key not in self._verified:
-                if hashlib.sha256(where.read_bytes()).hexdigest() != shard["sha256"][part]:
+                if _file_sha256(where) != shard["sha256"][part]:
                     raise ValueError("its contents do not match the manifest's checksum")
                 self._verified.add(key)
             array = np.load(where, mmap_mode="r", allow_pickle=False)
@@ -254,6 +263,7 @@ class ActivationStore:
         for start in range(0, len(order), self.window_shards):
             window = [carry] + [self._rows(int(i)) for i in order[start:start + self.window_shards]]
             rows = np.concatenate(window)
+            del window, carry  # only this window's rows stay in memory
             if rng is not None:
                 rows = _core.take_rows(rows, rng.permutation(len(rows)), n_threads)
             last = start + self.window_shards >= len(order)
@@ -262,7 +272,8 @@ class ActivationStore:
                 if produced >= skip:
                     yield np.ascontiguousarray(rows[offset:offset + batch_size])
                 produced += 1
-            carry = rows[full:]
+            carry = rows[full:].copy()  # a copy: a view would keep the whole window alive
+            del rows
 
     def total_variance(self, n_threads: int = 0) -> float:
         """``sum((X - mean)**2)`` over the store's rows, in float64 (two passes, cached)."""
