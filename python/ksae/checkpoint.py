@@ -4,7 +4,10 @@ A checkpoint is one safetensors file: the arrays (weights, optimizer state, dead
 counters, the in-progress epoch's statistics, early stopping's best weights, the rows held
 out for validation) as tensors, and everything else (configurations, optimizer settings and
 step count, the random generator's state, the position within the epoch, history) as JSON in
-the file's metadata, with the SHA-256 of the tensors. It is written with
+the file's metadata, with the SHA-256 of the tensors. That JSON is sealed (``seal``: a SHA-256
+of each field, under the metadata key ``ksae_seal``): a checkpoint whose metadata was edited
+(``optimizer.n_steps``, ``position.epoch``, ``rng_state``, a history...) is refused with the
+file and field named, and one saved before sealing is refused too. It is written with
 ``atomic_write_bytes``, so a process killed while saving leaves the previous checkpoint whole.
 
 Resuming from it (``ksae.resume``) with the same data and thread count gives the weights an
@@ -31,7 +34,7 @@ from .buffers import as_aligned
 from .config import ModelConfig, TrainConfig
 from .optim import Optimizer, make_optimizer
 from .progress import EarlyStopping, RunningStats, TrainingPosition
-from .serialization import atomic_write_bytes
+from .serialization import SEAL_KEY, atomic_write_bytes, check_seal, read_metadata, seal
 from .state import ModelState
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -110,7 +113,7 @@ def save_checkpoint(path: str | os.PathLike, state: ModelState, optimizer: Optim
         "payload_sha256": _payload_hash(tensors),
     }
     blob = save_safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                  metadata={_META_KEY: json.dumps(meta)})
+                                  metadata={_META_KEY: json.dumps(meta), SEAL_KEY: json.dumps(seal(meta))})
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
     return path
@@ -126,18 +129,25 @@ def read_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
     blob = path.read_bytes()
     try:
         tensors = load_safetensors_bytes(blob)
-        meta = json.loads(_read_metadata(blob)[_META_KEY])
+        metadata = read_metadata(blob)
+        meta = json.loads(metadata[_META_KEY])
+        sealed = json.loads(metadata[SEAL_KEY]) if SEAL_KEY in metadata else None
     except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"checkpoint: {path} is not a readable ksae checkpoint ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint: {path} is not a readable ksae checkpoint (its metadata "  # noqa: TRY004 (a damaged file)
+                         "is not an object)")
     if meta.get("format") != "ksae-checkpoint" or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"checkpoint: {path} has format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}; ksae {__version__} reads "
                          f"ksae-checkpoint version {CHECKPOINT_FORMAT_VERSION}")
+    check_seal(meta, sealed, f"checkpoint: {path}", "a checkpoint's metadata is sealed: "
+               "resume it as saved, or train again")
     if _payload_hash(tensors) != meta.get("payload_sha256"):
         raise ValueError(f"checkpoint: {path} does not match its own checksum (corrupted)")
     try:
         return _contents(meta, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint: {path} is inconsistent ({type(exc).__name__}: {exc})") from None
 
 
@@ -180,14 +190,3 @@ def _position(meta: dict[str, Any], tensors: dict[str, np.ndarray], n_features: 
         stopper.best_params = best or None
         position.stopper = stopper
     return position
-
-
-def _read_metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (the numpy loader does not return it)."""
-    if len(blob) < 8:
-        raise ValueError("file too short")
-    size = int.from_bytes(blob[:8], "little")
-    if size > len(blob) - 8:
-        raise ValueError("header runs past the end of the file")
-    header = json.loads(blob[8:8 + size])
-    return header["__metadata__"]
