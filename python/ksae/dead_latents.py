@@ -87,11 +87,12 @@ def resample_dead_latents(state: ModelState, batch: np.ndarray, train_cfg: Train
     alive = np.ones(state.n_latents, dtype=bool)
     alive[dead] = False
     enc_norm = float(np.linalg.norm(p["W_enc_t"][alive], axis=1).mean()) if alive.any() else 1.0
-    p["W_dec"][dead] = directions
-    p["W_enc_t"][dead] = directions * enc_norm
-    p["b_enc"][dead] = 0
-    if "log_threshold" in p:  # the dead latents' encoder rows are new: their thresholds too
-        p["log_threshold"][dead] = np.median(p["log_threshold"][alive]) if alive.any() else 0
+    with state.changing():
+        p["W_dec"][dead] = directions
+        p["W_enc_t"][dead] = directions * enc_norm
+        p["b_enc"][dead] = 0
+        if "log_threshold" in p:  # the dead latents' encoder rows are new: their thresholds too
+            p["log_threshold"][dead] = np.median(p["log_threshold"][alive]) if alive.any() else 0
     for name in ("W_dec", "W_enc_t", "b_enc", "log_threshold"):
         for buffer in optimizer.state.get(name, {}).values():
             buffer[dead] = 0

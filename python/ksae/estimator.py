@@ -106,12 +106,19 @@ class _FittedAttributes:
         state.use_config(self._cfg())
         return state
 
-    W_enc_ = property(lambda self: self.state_.params["W_enc_t"].T,
+    def _weight(self, name: str) -> np.ndarray:
+        """The model's weight ``name`` itself (a writable view): it may be written in place,
+        so the next encode or decode checks the weights for NaN and infinity again."""
+        state = self.state_
+        state.weights_changed()
+        return state.params[name]
+
+    W_enc_ = property(lambda self: self._weight("W_enc_t").T,
                       doc="Encoder weights, (d_in, n_latents) (a transposed view of the internal layout).")
-    b_enc_ = property(lambda self: self.state_.params["b_enc"], doc="Encoder bias, (n_latents,).")
-    W_dec_ = property(lambda self: self.state_.params["W_dec"],
+    b_enc_ = property(lambda self: self._weight("b_enc"), doc="Encoder bias, (n_latents,).")
+    W_dec_ = property(lambda self: self._weight("W_dec"),
                       doc="Decoder weights, (n_latents, d_in); rows have unit norm with normalize_decoder.")
-    b_dec_ = property(lambda self: self.state_.params["b_dec"],
+    b_dec_ = property(lambda self: self._weight("b_dec"),
                       doc="Decoder bias, (d_in,); it is also subtracted from the input before encoding.")
     n_features_in_ = property(lambda self: self.state_.d_in, doc="Input width d_in seen at fit time.")
     n_iter_ = property(lambda self: self.state_.n_iter, doc="Optimizer steps taken.")
@@ -126,11 +133,10 @@ class _FittedAttributes:
     @property
     def log_threshold_(self) -> np.ndarray:
         """jumprelu: the log of each latent's threshold, (n_latents,) (theta = exp of it)."""
-        p = self.state_.params
-        if "log_threshold" not in p:
+        if "log_threshold" not in self.state_.params:
             raise AttributeError(f"log_threshold_: only jumprelu models have thresholds; this "
                                  f"one's sparsity is {self.sparsity!r}")
-        return p["log_threshold"]
+        return self._weight("log_threshold")
 
 
 class SparseAutoencoder(_FittedAttributes):
@@ -383,8 +389,11 @@ class SparseAutoencoder(_FittedAttributes):
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the model to the directory ``path`` (created if needed): the weights as
-        ``model.safetensors`` and the configuration as ``config.json``. See ``ksae.load``."""
-        return save_model(self._ready(), path, getattr(self, "history_", {}))
+        ``model.safetensors`` and the configuration as ``config.json``. See ``ksae.load``.
+        The weights saved are those of one step, even while another thread trains."""
+        state = self._ready()
+        with state.access.read:
+            return save_model(state, path, getattr(self, "history_", {}))
 
     @classmethod
     def from_state(cls, state: ModelState, *, history: dict[str, list] | None = None,

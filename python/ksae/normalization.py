@@ -86,9 +86,10 @@ def fold_input_scale(state: ModelState, scale: float) -> None:
     if scale == 1.0:
         return
     p = state.params
-    for name in ("b_enc", "b_dec"):
-        np.divide(p[name], p[name].dtype.type(scale), out=p[name])
-    if "log_threshold" in p:
-        p["log_threshold"] -= p["log_threshold"].dtype.type(math.log(scale))
-    if state.threshold is not None:
-        state.threshold /= scale
+    with state.changing():
+        for name in ("b_enc", "b_dec"):
+            np.divide(p[name], p[name].dtype.type(scale), out=p[name])
+        if "log_threshold" in p:
+            p["log_threshold"] -= p["log_threshold"].dtype.type(math.log(scale))
+        if state.threshold is not None:
+            state.threshold /= scale

@@ -2,7 +2,9 @@
 
 ``ModelState`` holds the weights in the kernels' layout, their gradient buffers, the scratch
 arrays of a batch, the per-latent firing counters, batchtopk's inference threshold and the
-random generator, and encodes and decodes through ``ksae._core``. It knows nothing of
+random generator, and encodes and decodes through ``ksae._core``, under a readers-writer lock
+(``access``) so that a model shared between threads is never read in the middle of a step,
+and refusing weights and codes that hold NaN or infinity. It knows nothing of
 training loops, optimizers' schedules or files: the training step is ``ksae.steps``, the loop
 ``ksae.training``, saving ``ksae.serialization``; the estimator ``SparseAutoencoder`` is a
 facade over all of them.
@@ -10,7 +12,9 @@ facade over all of them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -19,6 +23,7 @@ from . import _core
 from .buffers import aligned_empty, as_aligned
 from .config import DENSE_SPARSITIES, NEEDS_SELECTED_PRE, ModelConfig
 from .initialization import initial_parameters
+from .locking import ReadWriteLock
 from .losses import sigmoid
 from .sparsity import jumprelu_values
 from .validation import as_code, as_float_matrix
@@ -97,7 +102,13 @@ class ModelState:
     step needs beside them: gradient buffers, scratch arrays (guarded by ``lock``: the
     kernels run without the GIL, so concurrent calls are real), ``samples_since_fired`` per
     latent, ``n_iter`` steps taken, batchtopk's inference ``threshold`` and the random
-    generator ``rng`` (input dropout, resampling and the trainer's shuffles draw from it)."""
+    generator ``rng`` (input dropout, resampling and the trainer's shuffles draw from it).
+
+    Sharing between threads: encode, candidates, decode and reconstruct hold ``access.read``
+    (any number at once), a training step ``access.write`` (alone; ``ksae.steps.train_step``
+    takes it), so a read sees the weights of one step, never half of one. ``version`` counts
+    the changes to the weights (each step, each ``weights_changed``); the reads check the
+    weights for NaN and infinity once per version."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray],
                  rng: np.random.Generator | None = None) -> None:
@@ -108,6 +119,9 @@ class ModelState:
         self.grads = {name: aligned_empty(p.shape, dtype) for name, p in self.params.items()}
         self.workspace: dict[str, np.ndarray] = {}
         self.lock = threading.Lock()
+        self.access = ReadWriteLock()
+        self.version = 0
+        self._finite_version = -1  # the version whose weights were last found finite
         self.rng = rng if rng is not None else np.random.default_rng(cfg.random_state)
         self.reset_training_state()
 
@@ -146,15 +160,16 @@ class ModelState:
         self.threshold: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # copy and pickle support: the lock and the scratch buffers are per instance.
+        # copy and pickle support: the locks and the scratch buffers are per instance.
         state = self.__dict__.copy()
         state["workspace"] = {}
-        del state["lock"]
+        del state["lock"], state["access"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.Lock()
+        self.access = ReadWriteLock()
 
     @property
     def config(self) -> ModelConfig:
@@ -188,6 +203,45 @@ class ModelState:
                              f"sparsity={cfg.sparsity!r} model (jumprelu has thresholds, the "
                              f"others none); call fit to re-initialise")
         self.cfg = cfg
+
+    # ----------------------------------------------------------------- finiteness
+    def weights_changed(self) -> None:
+        """Note that the weights were (or may have been) changed in place: the next read
+        checks them for NaN and infinity again. Each training step calls it; so should code
+        that writes into ``params``."""
+        self.version += 1
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Hold the write lock while the weights are changed in place outside a training
+        step (no read sees them half changed), and note the change at the end. Not
+        reentrant: read nothing of the state (encode, reconstruct) inside it."""
+        with self.access.write:
+            try:
+                yield
+            finally:
+                self.weights_changed()
+
+    def check_weights(self, again: bool = False) -> None:
+        """Raise ValueError, naming the tensor and the latent, if a weight is NaN or
+        infinite. Checked once per ``version`` (an encode of an unchanged model costs
+        nothing), or ``again`` regardless."""
+        version = self.version  # read first: a change during the check makes it stale
+        if version == self._finite_version and not again:
+            return
+        for name, param in self.params.items():
+            if not _core.all_finite(param, self.n_threads):
+                raise ValueError(_non_finite_weight(name, param))
+        self._finite_version = version
+
+    def _check_kernel_output(self, out: np.ndarray, indices: np.ndarray | None = None) -> None:
+        """Check the weights again where the kernel's output shows a NaN weight that no
+        ``weights_changed`` announced (written into ``params`` in place): NaN or infinity,
+        or in a code (``indices`` given) a row that keeps latents 0..k-1 at 0, which is
+        what relu makes of NaN pre-activations (a genuine row of zeros keeps the latents
+        of its largest pre-activations)."""
+        if not _core.all_finite(out, 1) or (indices is not None and _nan_rows(out, indices)):
+            self.check_weights(again=True)
 
     # ----------------------------------------------------------------- scratch arrays
     def buffers(self, rows: int, pre: bool = False) -> dict[str, np.ndarray]:
@@ -232,32 +286,53 @@ class ModelState:
                                     "linear", nt, ws["centered"], ws.get("pre"))
         return jumprelu_values(gap, indices, threshold), indices, gap
 
-    def candidates(self, X: Any) -> SparseCode:
-        """The top code_width latents of each row of X (checked here), before any batchtopk
-        threshold, in chunks of ``encode_chunk_rows``."""
-        X = as_float_matrix(X, "X", self.cfg.dtype, self.d_in, self.n_threads)
+    def _checked_input(self, X: Any) -> np.ndarray:
+        """X checked and converted for the encode, before any lock is taken."""
+        return as_float_matrix(X, "X", self.cfg.dtype, self.d_in, self.n_threads)
+
+    def _encode_chunk(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices) of a checked chunk of rows, its output checked (see
+        _check_kernel_output; jumprelu's ``gap``, before the thresholds zero values)."""
+        with self.scratch(X.shape[0]) as ws:
+            values, indices, gap = self.encode_batch(X, k, ws)
+        self._check_kernel_output(values if gap is None else gap, indices)
+        return values, indices
+
+    def _candidates(self, X: np.ndarray) -> SparseCode:
+        """candidates of a checked X; the caller holds ``access``."""
+        self.check_weights()
         n = X.shape[0]
         k = code_width(self.cfg, inference_k(self.cfg))
         chunk = encode_chunk_rows(X.itemsize)
         if n <= chunk:  # one call, whose arrays are the code
-            with self.scratch(n) as ws:
-                values, indices, _ = self.encode_batch(X, k, ws)
-            return SparseCode(values, indices)
+            return SparseCode(*self._encode_chunk(X, k))
         values = np.empty((n, k), dtype=self.cfg.dtype)
         indices = np.empty((n, k), dtype=np.int64)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            with self.scratch(stop - start) as ws:
-                values[start:stop], indices[start:stop], _ = self.encode_batch(X[start:stop], k, ws)
+            values[start:stop], indices[start:stop] = self._encode_chunk(X[start:stop], k)
         return SparseCode(values, indices)
 
-    def encode(self, X: Any) -> SparseCode:
-        """The code of each row of X (see ``SparseAutoencoder.encode``)."""
-        values, indices = self.candidates(X)
+    def candidates(self, X: Any) -> SparseCode:
+        """The top code_width latents of each row of X (checked here), before any batchtopk
+        threshold, in chunks of ``encode_chunk_rows``."""
+        X = self._checked_input(X)
+        with self.access.read:
+            return self._candidates(X)
+
+    def _encode(self, X: np.ndarray) -> SparseCode:
+        """encode of a checked X; the caller holds ``access``."""
+        values, indices = self._candidates(X)
         if self.cfg.sparsity == "batchtopk":
             # Per sample, independent of the batch: every latent above the learned threshold.
             values[values < (self.threshold or 0.0)] = 0
         return SparseCode(values, indices)
+
+    def encode(self, X: Any) -> SparseCode:
+        """The code of each row of X (see ``SparseAutoencoder.encode``)."""
+        X = self._checked_input(X)
+        with self.access.read:
+            return self._encode(X)
 
     def calibrate_threshold(self, X: Any) -> float:
         """batchtopk: set ``threshold`` so that encoding X keeps k latents per sample on
@@ -265,17 +340,60 @@ class ModelState:
         cfg = self.cfg
         if cfg.sparsity != "batchtopk":
             raise ValueError(f"sparsity: calibrate_threshold is for 'batchtopk', this model uses {cfg.sparsity!r}")
-        flat = self.candidates(X).values.reshape(-1)
-        budget = min(flat.size, cfg.k * (flat.size // code_width(cfg)))
-        self.threshold = float(np.partition(flat, flat.size - budget)[flat.size - budget])
+        X = self._checked_input(X)
+        with self.access.write:  # the threshold changes: no encode may see it half-set
+            flat = self._candidates(X).values.reshape(-1)
+            budget = min(flat.size, cfg.k * (flat.size // code_width(cfg)))
+            self.threshold = float(np.partition(flat, flat.size - budget)[flat.size - budget])
         return self.threshold
 
-    def decode(self, values: Any, indices: Any) -> np.ndarray:
-        """``out(dense(values, indices) @ W_dec + b_dec)``, ``out`` the output activation."""
+    def _checked_code(self, values: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A code checked and converted for the decode: values finite, indices in range."""
         v, i = as_code(values, indices, self.cfg.dtype, self.n_latents)
+        if not _core.all_finite(v, self.n_threads):
+            row = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
+            raise ValueError(f"values: row {row} holds NaN or infinity; expected finite values")
+        return v, i
+
+    def _decode(self, v: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """decode of a checked code; the caller holds ``access``."""
+        self.check_weights()
         p = self.params
         X_hat = _core.decode(v, i, p["W_dec"], p["b_dec"], self.n_threads)
+        self._check_kernel_output(X_hat)
         return sigmoid(X_hat, out=X_hat) if self.cfg.output_activation == "sigmoid" else X_hat
 
+    def decode(self, values: Any, indices: Any) -> np.ndarray:
+        """``out(dense(values, indices) @ W_dec + b_dec)``, ``out`` the output activation.
+        Raises ValueError when ``values`` hold NaN or infinity."""
+        v, i = self._checked_code(values, indices)
+        with self.access.read:
+            return self._decode(v, i)
+
     def reconstruct(self, X: Any) -> np.ndarray:
-        return self.decode(*self.encode(X))
+        """decode(encode(X)), both with the weights of the same step."""
+        X = self._checked_input(X)
+        with self.access.read:
+            return self._decode(*self._encode(X))
+
+
+def _nan_rows(values: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether a row of the code keeps latents 0..k-1, all at 0 (see _check_kernel_output)."""
+    first = (values[:, 0] == 0) & (indices[:, 0] == 0)  # most rows are out at once
+    if not first.any():
+        return False
+    rows = np.flatnonzero(first)
+    return bool(((values[rows] == 0) & (indices[rows] == np.arange(indices.shape[1]))).all(axis=1).any())
+
+
+def _non_finite_weight(name: str, param: np.ndarray) -> str:
+    """The message for a weight tensor holding NaN or infinity, in the names users see
+    (W_enc, (d_in, n_latents)), with the first latent (or input feature) concerned."""
+    bad = np.argwhere(~np.isfinite(param))[0]
+    public = "W_enc" if name == "W_enc_t" else name
+    if param.ndim == 2:
+        where = f"latent {bad[0]}, {'input' if name == 'W_enc_t' else 'output'} feature {bad[1]}"
+    else:
+        where = f"{'feature' if name == 'b_dec' else 'latent'} {bad[0]}"
+    return (f"{public} holds NaN or infinity ({where}): the model cannot encode or decode; "
+            f"retrain it (a lower learning rate) or load a finite copy")

@@ -51,8 +51,10 @@ def train_step(state: ModelState, batch: np.ndarray, optimizer: Optimizer,
     """Forward, loss, backward (plus AuxK), clipping and ``optimizer``'s update on one
     checked batch; ``k`` overrides the model's k (the k curriculum). Returns the loss before
     the update and the batch's code. Raises FloatingPointError, leaving the weights of the
-    last finite step, when the loss or the gradient norm is not finite."""
-    with state.lock:
+    last finite step, when the loss or the gradient norm is not finite. Holds the state's
+    write lock (``state.access``): no encode sees the weights in the middle of the step."""
+    with state.access.write, state.lock:
+        state.weights_changed()
         return _locked_step(state, batch, optimizer, train_cfg or _DEFAULT_TRAINING,
                             k or state.cfg.k)
 

@@ -187,8 +187,9 @@ class Trainer:
             self._epochs(source, X_val, pos, total_steps, interrupt)
         if pos.stopper is not None and train_cfg.restore_best_weights \
                 and pos.stopper.best_params is not None:
-            for name, best in pos.stopper.best_params.items():
-                np.copyto(state.params[name], best)
+            with state.changing():
+                for name, best in pos.stopper.best_params.items():
+                    np.copyto(state.params[name], best)
         if cfg.sparsity == "batchtopk":
             state.calibrate_threshold(source.sample())
         return TrainingOutcome(pos.epoch - 1 if pos.stopped else None,
