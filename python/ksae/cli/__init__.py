@@ -4,6 +4,9 @@
 ``ksae-train`` is ``ksae train``. Options of the model, training and data are generated from
 the configuration dataclasses (``ksae.config``, see ``ksae.cli.options``), so an option is
 written once, with its help text, and is a flag and a config-file key alike.
+
+Errors are one line, ``ksae COMMAND: error: ...`` (``ksae.cli.errors``); ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from .errors import RUN_ERRORS, CommandError, Parser, UsageError, add_debug_flag, report
 from .train import INTERRUPTED, Interrupted, add_train_arguments, train_command
 
 __all__ = ["main", "train_main", "build_parser"]
@@ -28,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .harvest import add_harvest_arguments, harvest_command
     from .sweep import add_sweep_arguments, sweep_command
 
-    parser = argparse.ArgumentParser(
-        prog="ksae", description="Train, evaluate and apply k-sparse autoencoders.")
+    parser = Parser(prog="ksae", description="Train, evaluate and apply k-sparse autoencoders.")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     specs: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Command]] = [
         ("train", "train a model; write model, metrics, config, checkpoint, plots and report "
@@ -50,13 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_arguments, command in specs:
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         add_arguments(sub)
+        add_debug_flag(sub, default=argparse.SUPPRESS)  # ksae train --debug as ksae --debug train
         sub.set_defaults(run=command, parser=sub)
     return parser
 
 
 def _run(args: argparse.Namespace, command: Command, parser: argparse.ArgumentParser) -> int:
+    """Run ``command``; what a user can cause is one line on stderr (``--debug``: the
+    traceback), exit 2 for a refusal and 1 for a failure; Ctrl-C exits 130."""
     try:
         return command(args, parser)
+    except (UsageError, CommandError, *RUN_ERRORS) as exc:
+        return report(exc, parser, getattr(args, "debug", False))
     except Interrupted as exc:
         print(exc.message, file=sys.stderr)
         return INTERRUPTED
@@ -73,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``ksae-train ...``, the same as ``ksae train ...``."""
-    parser = argparse.ArgumentParser(prog="ksae-train", description="Train a k-sparse autoencoder "
-                                     "(the same as ksae train); with no arguments, the default "
-                                     "experiment on synthetic data, offline.")
+    parser = Parser(prog="ksae-train", description="Train a k-sparse autoencoder (the same as ksae "
+                    "train); with no arguments, the default experiment on synthetic data, offline.")
     add_train_arguments(parser)
+    add_debug_flag(parser)
     return _run(parser.parse_args(argv), train_command, parser)

@@ -10,6 +10,8 @@ import numpy as np
 from ..activation_store import ActivationStore
 from ..array_files import NpyRowStream, load_array
 from ..config import DataConfig
+from ..validation import as_float_matrix
+from .errors import renaming
 
 
 @dataclass
@@ -55,13 +57,31 @@ def n_held_out(n_rows: int, fraction: float, where: str) -> int:
     """Rows held out for testing: ``fraction`` of ``n_rows``, at least one, leaving one."""
     n_test = max(1, int(round(n_rows * fraction)))
     if n_test >= n_rows:
-        raise ValueError(f"test_fraction: {fraction} of the {n_rows} rows of {where} leaves no training data")
+        raise ValueError(f"--test-fraction: {fraction} of the {n_rows} rows of {where} leaves no "
+                         "training data")
     return n_test
+
+
+def source_flag(data: DataConfig) -> str:
+    """The flag that chose the data's rows, as the user would write it."""
+    if data.dataset == "synthetic":
+        return "--d-in"
+    if data.dataset in ("array", "store"):
+        return f"--path {data.path}"
+    return f"--dataset {data.dataset}"
+
+
+def finite_rows(X: np.ndarray, where: str) -> np.ndarray:
+    """``X`` as training would take it, refused with a message that names ``where`` and the
+    row when a row holds NaN or infinity."""
+    with renaming(rows=where):
+        return as_float_matrix(X, "rows", X.dtype)
 
 
 def load_data(data: DataConfig, seed: int, dtype: str) -> ExperimentData:
     """Train and test data as ``data`` says, in the model's ``dtype``. ``seed`` draws the
-    synthetic data set."""
+    synthetic data set. Errors name the flag (``--path``, ``--test-path``, ``--key``) and
+    the file, and the row of a file that holds NaN or infinity."""
     if data.dataset == "synthetic":
         return _synthetic(data, seed, dtype)
     if data.dataset == "array":
@@ -87,8 +107,9 @@ def _synthetic(data: DataConfig, seed: int, dtype: str) -> ExperimentData:
 def _images(data: DataConfig, dtype: str) -> ExperimentData:
     from ..datasets import load_mnist
 
-    splits = [load_mnist(data.dataset, split, data_dir=data.path, cache_dir=data.cache_dir,
-                         download=data.download) for split in ("train", "test")]
+    with renaming(data_dir="--path"):
+        splits = [load_mnist(data.dataset, split, data_dir=data.path, cache_dir=data.cache_dir,
+                             download=data.download) for split in ("train", "test")]
     train, test = splits
     return ExperimentData(train.images.astype(dtype, copy=False), test.images.astype(dtype, copy=False),
                           f"{data.dataset}: {len(train.images)} training and {len(test.images)} test "
@@ -103,36 +124,46 @@ def _array(data: DataConfig, dtype: str) -> ExperimentData:
     test_key = data.key if data.test_path is not None and data.test_path.lower().endswith(".npz") else None
     train_key = data.key if path.lower().endswith(".npz") else None
     if data.stream:
-        whole = NpyRowStream(path, dtype=dtype)
+        with renaming(path="--path"):
+            whole = NpyRowStream(path, dtype=dtype)
         if data.test_path is not None:
-            train, test = whole, load_array(data.test_path, key=test_key, dtype=dtype)
+            train, test = whole, _load(data.test_path, test_key, dtype, "--test-path")
         else:
             n_test = n_held_out(whole.n_rows, data.test_fraction, path)
             split = whole.n_rows - n_test
-            train, test = NpyRowStream(path, dtype=dtype, rows=(0, split)), whole.read(split, whole.n_rows)
+            train = NpyRowStream(path, dtype=dtype, rows=(0, split))
+            test = finite_rows(whole.read(split, whole.n_rows),
+                               f"--path {path} (its test rows, from row {split})")
         how = "streamed from disk"
     else:
-        X = load_array(path, key=train_key, dtype=dtype)
+        X = _load(path, train_key, dtype, "--path")
         if data.test_path is not None:
-            train, test = X, load_array(data.test_path, key=test_key, dtype=dtype)
+            train, test = X, _load(data.test_path, test_key, dtype, "--test-path")
         else:
             n_test = n_held_out(len(X), data.test_fraction, path)
             train, test = X[:-n_test], X[-n_test:]
         how = "in memory"
     if test.shape[1] != train.shape[1]:
-        raise ValueError(f"test_path: {data.test_path} has {test.shape[1]} features, the training "
-                         f"data {path} has {train.shape[1]}")
+        raise ValueError(f"--test-path: {data.test_path} has {test.shape[1]} features per row, the "
+                         f"training data {path} has {train.shape[1]}")
     source = f"{path}" + (f" (test: {data.test_path})" if data.test_path else
                           f" (test: its last {len(test)} rows)")
     return ExperimentData(train, test, f"array {source}: {len(train)} training and {len(test)} test "
                           f"rows of width {train.shape[1]}, {how}")
 
 
+def _load(path: str, key: str | None, dtype: str, flag: str) -> np.ndarray:
+    """The matrix of an array file, its rows checked; errors name ``flag``."""
+    with renaming(path=flag, key="--key"):
+        return finite_rows(load_array(path, key=key, dtype=dtype), f"{flag} {path}")
+
+
 def _store(data: DataConfig, dtype: str) -> ExperimentData:
     """An activation store: test_fraction of its documents held out whole (seed 0), the
     test rows read into memory, the training rows streamed."""
     assert data.path is not None  # DataConfig checks it
-    train, test = ActivationStore(data.path, dtype=dtype).split_documents(data.test_fraction)
+    with renaming(path="--path"):
+        train, test = ActivationStore(data.path, dtype=dtype).split_documents(data.test_fraction)
     test_rows = np.concatenate(list(test.batches(65536, seed=None)))
     about = ", ".join(f"{k} {v}" for k, v in train.metadata.items() if isinstance(v, (str, int, float)))
     return ExperimentData(train, test_rows, test_store=test, description=

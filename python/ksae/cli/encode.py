@@ -11,6 +11,7 @@ import numpy as np
 
 from ..serialization import atomic_write_bytes
 from .data import ExperimentData
+from .errors import UsageError, output_directory, usage_errors
 from .saved import add_model_and_data_arguments, load_model_and_data
 
 SPLITS = ("train", "test", "all")
@@ -57,13 +58,12 @@ def save_npz_atomically(path: Path, arrays: dict[str, Any]) -> None:
 def encode_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Encode the chosen split chunk by chunk and write values, indices (and labels)."""
     if args.out.suffix.lower() != ".npz":
-        parser.error(f"--out: expected a file ending in .npz, got {str(args.out)!r}")
+        raise UsageError(f"--out: expected a file ending in .npz, got {str(args.out)!r}")
     if args.chunk_rows < 1:
-        parser.error(f"--chunk-rows: expected an integer >= 1, got {args.chunk_rows}")
-    try:
+        raise UsageError(f"--chunk-rows: expected an integer >= 1, got {args.chunk_rows}")
+    with usage_errors():
+        output_directory(args.out.parent, "--out")
         sae, data, _ = load_model_and_data(args)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
     values, indices = [], []
     for chunk in _chunks(data, args.split, args.chunk_rows):
         code = sae.encode(chunk)
@@ -73,7 +73,6 @@ def encode_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     labels = _labels(data, args.split)
     if labels is not None:
         arrays["labels"] = labels
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_npz_atomically(args.out, arrays)
     n, k = arrays["values"].shape
     print(f"wrote {args.out}: {', '.join(arrays)} for {n} rows ({args.split}), {k} latents each")

@@ -13,6 +13,7 @@ from typing import Any
 from ..activation_store import ActivationStore
 from ..field_metrics import store_metrics
 from ..training import evaluate
+from .errors import UsageError, output_directory, usage_errors
 from .saved import add_model_and_data_arguments, load_model_and_data
 from .train import probe_accuracy, wants_probe, write_json
 
@@ -50,8 +51,10 @@ def _store_figures(sae: Any, test_store: ActivationStore, spliced: bool,
 def evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Print (and with --out write) test MSE, FVE, L0, dead fraction and probe accuracy."""
     if args.spliced_tokens < 1:
-        parser.error(f"--spliced-tokens: expected an integer >= 1, got {args.spliced_tokens}")
-    try:
+        raise UsageError(f"--spliced-tokens: expected an integer >= 1, got {args.spliced_tokens}")
+    with usage_errors():
+        if args.out is not None:
+            output_directory(args.out.parent, "--out")
         sae, data, seed = load_model_and_data(args)
         wants_probe(args.probe, data)
         if args.spliced and data.test_store is None:
@@ -59,13 +62,10 @@ def evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         metrics = {f"test_{name}": value for name, value in evaluate(sae, data.test).items()}
         if data.test_store is not None:
             metrics.update(_store_figures(sae, data.test_store, args.spliced, args.spliced_tokens))
-    except (ImportError, TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
     if args.probe:
         metrics["probe_accuracy"] = probe_accuracy(sae, data, seed)
     metrics["n_test"] = len(data.test)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..interchange import FORMATS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, export_model
+from .errors import UsageError, usage_errors
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +25,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def export_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Convert MODEL_DIR and write it to OUT_DIR; a model the format cannot hold is an error."""
     if not args.model.is_dir():
-        parser.error(f"MODEL_DIR: {str(args.model)!r} is not a directory")
-    try:
+        raise UsageError(f"MODEL_DIR: {str(args.model)!r} is not a directory")
+    with usage_errors(out_dir="OUT_DIR", model_dir="MODEL_DIR"):
         out = export_model(args.model, args.out, args.format, overwrite=args.force)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc).replace("out_dir: ", "OUT_DIR: ").replace(
-            "pass overwrite=True, or --force on the command line,", "pass --force"))
     print(f"wrote {out}: a {args.format} model ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..activation_store import ActivationStore
 from ..features import feature_report
+from .errors import usage_errors
 
 
 def add_features_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,13 +73,12 @@ def _model_and_store(run: Path, store: Path | None) -> tuple[Any, Any]:
 
 def features_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Write the feature page and its JSON; print where."""
-    try:
+    with usage_errors(path="--store", store="--store", out_html="--out", latents="--latents",
+                      top="--top", context="--context", batch_size="--batch-size"):
         latents = None if args.latents is None else parse_latents(args.latents)
         sae, rows = _model_and_store(args.run_dir, args.store)
         data = feature_report(sae, rows, args.out, latents=latents, top=args.top,
                               context=args.context, batch_size=args.batch_size)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}: {len(data['latents'])} latents "
           f"over {data['n_rows']} rows of {data['store']}")
     return 0

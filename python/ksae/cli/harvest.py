@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..activation_store import STORED_DTYPES
 from ..texts import SPLITS
+from .errors import usage_errors
 
 
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +52,16 @@ def harvest_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """Harvest, resuming an interrupted store; print what was written."""
     from ..harvest import harvest
 
-    try:
+    with usage_errors(out="--out", context_length="--context-length", batch_size="--batch-size",
+                      max_tokens="--max-tokens", shard_rows="--shard-rows", n_threads="--threads",
+                      text_field="--text-field", layer="--layer", dtype="--dtype",
+                      model="MODEL", texts="TEXTS"):
         store = harvest(args.model, args.texts, args.out, layer=args.layer, revision=args.revision,
                         context_length=args.context_length, batch_size=args.batch_size,
                         max_tokens=args.max_tokens, dtype=args.dtype,
                         keep_special_tokens=args.keep_special_tokens, text_field=args.text_field,
                         split=args.split, torch_dtype=args.model_dtype, shard_rows=args.shard_rows,
                         n_threads=args.threads, progress=not args.quiet)
-    except (ImportError, TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
     print(f"wrote {args.out}: {len(store)} rows of width {store.shape[1]} in "
           f"{len(store.manifest['shards'])} shards")
     return 0

@@ -3,7 +3,7 @@
 Every field of ModelConfig, TrainConfig and DataConfig (``ksae.config``) is a flag
 (``n_latents`` -> ``--n-latents``) and a key of the matching table of a TOML or YAML config
 file (``model``, ``train``, ``data``). Precedence, lowest first: the dataclass defaults, the
-experiment defaults below, the config file, the flags.
+experiment defaults below (for synthetic data), the config file, the flags.
 """
 
 from __future__ import annotations
@@ -14,20 +14,42 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ..config import DataConfig, ModelConfig, TrainConfig, check_known_keys, field_names
+from .errors import renamed
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
-EXPERIMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
     # The default experiment: 256 latents, k = 4, on 64-wide samples made of 4 of 128 planted
-    # directions; it recovers the planted dictionary in a few seconds.
+    # directions; it recovers the planted dictionary in a few seconds. Other data (array,
+    # store, images) gets the API's defaults (ModelConfig's: 1024 latents, k = 32).
     "model": {"n_latents": 256, "k": 4},
-    "train": {"epochs": 10},
 }
 
+DEFAULT_HELP: dict[str, str] = {
+    "model.n_latents": "256 with --dataset synthetic, else 1024",
+    "model.k": "4 with --dataset synthetic, else 32",
+    "model.random_state": "--seed",
+}
+"""The default a flag's help names where it is not the dataclass field's own."""
+
+SECTION_HELP: dict[str, str] = {
+    "model": "The model's architecture (ksae.ModelConfig; the [model] table of a config file).",
+    "train": "How the model is trained (ksae.TrainConfig; the [train] table of a config file).",
+    "data": "The data (ksae.DataConfig; the [data] table of a config file): synthetic (generated, "
+            "offline), mnist or fashion-mnist (images, downloaded once), array (a .npy or .npz "
+            "file) or store (an activation store directory).",
+}
+
+FLAGS = "flags"
+"""The source name of the command line's own layer of options (see ``configure``)."""
+
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+Tables = dict[str, dict[str, Any]]
+"""Options by section and field name: ``{"model": {"k": 8}, "data": {...}}``."""
 
 Config = dict[str, Any]
 """The three config objects by section name: ``{"model": ModelConfig, "train": ..., "data": ...}``."""
@@ -45,6 +67,31 @@ def field_type(cls: type, name: str) -> type:
     return args[0] if args else hint
 
 
+def experiment_defaults(dataset: str) -> Tables:
+    """The command line's defaults for ``dataset`` over the dataclasses': a small, fast
+    model for synthetic data, the API's own for every other dataset."""
+    return SYNTHETIC_DEFAULTS if dataset == "synthetic" else {}
+
+
+def plain(text: str) -> str:
+    """Docstring markup (````x````) as plain text, safe in argparse's help (``%`` escaped)."""
+    return re.sub(r"``([^`]+)``", r"\1", text).replace("%", "%%")
+
+
+def help_text(section: str, f: Any) -> str:
+    """A field's help with its default named once: the help's own ``(default: ...)``, else
+    ``DEFAULT_HELP``'s, else the field's (none for None)."""
+    text = plain(f.metadata.get("help", ""))
+    default = DEFAULT_HELP.get(f"{section}.{f.name}")
+    if default is None:
+        if "(default:" in text or f.default is None or f.default is MISSING:
+            return text
+        default = f.default
+        if isinstance(default, bool):
+            default = flag_name(f.name) if default else flag_name("no_" + f.name)
+    return f"{text} (default: {default})"
+
+
 def _optional(cls: type, name: str) -> bool:
     return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
@@ -57,15 +104,12 @@ def add_config_options(parser: argparse.ArgumentParser, sections: Iterable[str],
     skipped = set(skip)
     for section in sections:
         cls = SECTIONS[section]
-        group = parser.add_argument_group(f"{section} options", (cls.__doc__ or "").split("\n")[0])
+        group = parser.add_argument_group(f"{section} options", SECTION_HELP[section])
         for f in fields(cls):
             if f"{section}.{f.name}" in skipped:
                 continue
-            default = EXPERIMENT_DEFAULTS.get(section, {}).get(f.name, f.default)
-            if default is MISSING:  # pragma: no cover - every field has a default
-                default = None
             kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                                      "help": f"{f.metadata.get('help', '')} (default: {default})"}
+                                      "help": help_text(section, f)}
             typ = field_type(cls, f.name)
             if typ is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
@@ -168,6 +212,22 @@ def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for section, table in layer.items():
             merged[section].update(table)
     return merged
+
+
+def configure(layers: Sequence[tuple[str | None, Tables]], seed: int) -> Config:
+    """``build_config`` of the layers merged in order, lowest first. Each layer is named by
+    its source: ``FLAGS``, a file, or None (defaults); an error's leading field name becomes
+    where its value was given (``--k``, ``run/config.json [model] k``)."""
+    names: dict[str, str] = {}
+    for source, tables in layers:
+        for section, table in tables.items():
+            for name in table:
+                names[name] = (flag_name(name) if source == FLAGS else
+                               f"{source} [{section}] {name}" if source else name)
+    try:
+        return build_config(merge(*(tables for _, tables in layers)), seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(renamed(str(exc), names)) from None
 
 
 def build_config(tables: dict[str, dict[str, Any]], seed: int) -> Config:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .data import ExperimentData, load_data
-from .options import add_config_options, build_config, flag_values, merge, read_config_file
+from .data import ExperimentData, load_data, source_flag
+from .options import FLAGS, Tables, add_config_options, configure, flag_values, read_config_file
 
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,19 +33,23 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[Any, ExperimentData, 
     if (path / "model").is_dir():  # a run directory
         run_file = path / "config.json"
         if run_file.is_file():
-            run_config = json.loads(run_file.read_text())
+            try:
+                run_config = json.loads(run_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{run_file} is not valid JSON ({exc})") from None
         path = path / "model"
     if not path.is_dir():
         raise FileNotFoundError(f"MODEL_DIR: {str(args.model)!r} is not a directory")
     sae = ksae.load(path)
-    layers = [{"data": run_config.get("data", {})}]
+    layers: list[tuple[str | None, Tables]] = [(str(args.model / "config.json"),
+                                                {"data": run_config.get("data", {})})]
     if args.config is not None:
-        layers.append({"data": read_config_file(args.config).get("data", {})})
-    layers.append(flag_values(args))
+        layers.append((str(args.config), {"data": read_config_file(args.config).get("data", {})}))
+    layers.append((FLAGS, flag_values(args)))
     seed = args.seed if args.seed is not None else run_config.get("seed", 0)
-    data_cfg = build_config(merge(*layers), seed)["data"]
+    data_cfg = configure(layers, seed)["data"]
     data = load_data(data_cfg, seed, sae.config.dtype)
     if data.test.shape[1] != sae.n_features_in_:
-        raise ValueError(f"data: {data.description} has {data.test.shape[1]} features; the model "
-                         f"{path} expects {sae.n_features_in_}")
+        raise ValueError(f"{source_flag(data_cfg)}: the data has {data.test.shape[1]} features per "
+                         f"row; the model {path} expects {sae.n_features_in_}")
     return sae, data, seed

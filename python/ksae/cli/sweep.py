@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .data import ExperimentData, load_data
+from .errors import output_directory, usage_errors
 from .options import add_config_options
 from .train import add_common_arguments, resolve, train_run, wants_probe, write_json
 
@@ -71,14 +72,13 @@ def pca_test_mse(data: ExperimentData, ks: Iterable[int], chunk_rows: int = 8192
 
 def sweep_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Train one run per k into ``OUT/k=<k>/``, then write the sweep report into OUT."""
-    try:
+    out: Path = args.out or Path("runs") / datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
+    with usage_errors(k="--k"):  # ModelConfig names --k's values "k"
         base, seed = resolve(args)
         configs = {k: base | {"model": ModelConfig(**{**asdict(base["model"]), "k": k})} for k in args.k}
         data = load_data(base["data"], seed, base["model"].dtype)
         wants_probe(args.probe, data)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    out: Path = args.out or Path("runs") / datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
+        output_directory(out, "--out")
     pca = pca_test_mse(data, args.k)
     rows, reconstructions = [], {}
     originals = data.test[:10]

@@ -17,8 +17,9 @@ import numpy as np
 from ..config import ModelConfig, TrainConfig
 from ..training import evaluate
 from .data import ExperimentData, load_data
-from .options import (EXPERIMENT_DEFAULTS, Config, add_config_options, build_config, flag_name,
-                      flag_values, merge, read_config_file)
+from .errors import UsageError, output_directory, run_errors, usage_errors
+from .options import (FLAGS, Config, Tables, add_config_options, configure, experiment_defaults,
+                      flag_name, flag_values, merge, read_config_file)
 
 CHECKPOINT = "checkpoint.safetensors"
 INTERRUPTED = 130
@@ -58,13 +59,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, int]:
-    """The validated config (defaults < config file < flags) and the seed."""
+    """The validated config (defaults for the dataset < config file < flags) and the seed."""
     seed = 0 if args.seed is None else args.seed
-    layers = [EXPERIMENT_DEFAULTS]
+    given: list[tuple[str | None, Tables]] = []
     if args.config is not None:
-        layers.append(read_config_file(args.config))
-    layers.append(flag_values(args))
-    return build_config(merge(*layers), seed), seed
+        given.append((str(args.config), read_config_file(args.config)))
+    given.append((FLAGS, flag_values(args)))
+    dataset = merge(*(tables for _, tables in given))["data"].get("dataset", "synthetic")
+    return configure([(None, experiment_defaults(dataset)), *given], seed), seed
 
 
 def total_steps(n_train: int, train_cfg: TrainConfig) -> int:
@@ -140,22 +142,23 @@ def train_run(config: Config, data: ExperimentData, out: Path, *, seed: int, pro
 
     model_cfg: ModelConfig = config["model"]
     train_cfg: TrainConfig = config["train"]
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out, "--out")
     checkpoint = out / CHECKPOINT
     write_json(out / "config.json", resolved_config(config, seed, probe))
     steps = total_steps(data.n_train, train_cfg)
     progress = Progress(steps, train_cfg, quiet)
     validation = None if train_cfg.validation_split else data.test
     try:
-        if resume:
-            sae = ksae.resume(checkpoint, data.train, validation_data=validation, callback=progress,
-                              epochs=resume_epochs)
-        else:
-            # The bar needs step records; a user's own log_every is kept as given.
-            fit_cfg = train_cfg if train_cfg.log_every or quiet else replace(train_cfg, log_every=bar_log_every(steps))
-            sae = progress.model = ksae.SparseAutoencoder(**asdict(model_cfg))
-            sae.fit(data.train, validation_data=validation, callback=progress, checkpoint=checkpoint,
-                    **asdict(fit_cfg))
+        with run_errors(X="--path"):  # X: the training rows, which only a file's can be wrong
+            if resume:
+                sae = ksae.resume(checkpoint, data.train, validation_data=validation, callback=progress,
+                                  epochs=resume_epochs)
+            else:
+                # The bar needs step records; a user's own log_every is kept as given.
+                fit_cfg = train_cfg if train_cfg.log_every or quiet else replace(train_cfg, log_every=bar_log_every(steps))
+                sae = progress.model = ksae.SparseAutoencoder(**asdict(model_cfg))
+                sae.fit(data.train, validation_data=validation, callback=progress, checkpoint=checkpoint,
+                        **asdict(fit_cfg))
     except ksae.TrainingInterrupted as exc:
         raise Interrupted(f"interrupted after step {exc.step}; checkpoint saved to {exc.checkpoint}; "
                           f"resume with: ksae train --resume {out}") from None
@@ -192,6 +195,7 @@ def write_outputs(sae: Any, config: Config, data: ExperimentData, out: Path, *, 
                   probe: bool | None) -> dict[str, Any]:
     """model/, metrics.json, plots and report.md/report.html of a trained model."""
     import ksae
+
     from ..plots import write_run_plots
 
     metrics: dict[str, Any] = {f"test_{name}": value for name, value in evaluate(sae, data.test).items()}
@@ -238,58 +242,83 @@ def config_from_run(run_dir: Path) -> tuple[Config, int, bool | None]:
         raise FileNotFoundError(f"{path} not found: is {str(run_dir)!r} a run directory of ksae train?") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(saved, dict):
+        raise TypeError(f"{path} must hold an object with model, train and data tables, got "
+                         f"{type(saved).__name__}")
     seed = saved.get("seed", 0)
-    return build_config({s: saved.get(s, {}) for s in ("model", "train", "data")}, seed), seed, saved.get("probe")
+    tables = {section: saved.get(section, {}) for section in ("model", "train", "data")}
+    return configure([(str(path), tables)], seed), seed, saved.get("probe")
 
 
 def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``ksae train`` (or ``ksae-train``) with parsed arguments."""
     if args.resume is not None:
-        return _resume_command(args, parser)
-    try:
+        return _resume_command(args)
+    with usage_errors():
         config, seed = resolve(args)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
         data = load_data(config["data"], seed, config["model"].dtype)
         wants_probe(args.probe, data)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     _, metrics = train_run(config, data, out, seed=seed, probe=args.probe, quiet=args.quiet)
     _print_done(out, metrics)
     return 0
 
 
-def _resume_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _resume_command(args: argparse.Namespace) -> int:
+    """``ksae train --resume RUN_DIR``: continue the run, or say that it is already complete."""
+    import ksae
+
+    run_dir: Path = args.resume
     extra = [flag_name(name) for section, table in flag_values(args).items() for name in table
              if (section, name) != ("train", "epochs")]
     extra += [flag for flag, value in (("--config", args.config), ("--seed", args.seed),
                                       ("--probe", args.probe)) if value is not None]
     if extra:
-        parser.error(f"--resume: the run's configuration comes from {args.resume / 'config.json'}; "
-                     f"only --epochs (and --out, --quiet) may be given, not {', '.join(extra)}")
-    run_dir: Path = args.resume
-    if not (run_dir / CHECKPOINT).is_file():
-        parser.error(f"--resume: {run_dir / CHECKPOINT} not found: is {str(run_dir)!r} a run directory of ksae train?")
-    try:
+        raise UsageError(f"--resume: the run's configuration comes from {run_dir / 'config.json'}; "
+                         f"only --epochs (and --out, --quiet) may be given, not {', '.join(extra)}")
+    epochs = flag_values(args).get("train", {}).get("epochs")
+    with usage_errors(checkpoint="--resume"):
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"--resume: {run_dir / CHECKPOINT} not found: is {str(run_dir)!r} "
+                                    "a run directory of ksae train?")
+        saved = ksae.load_checkpoint(run_dir / CHECKPOINT)
         config, seed, probe = config_from_run(run_dir)
-        epochs = flag_values(args).get("train", {}).get("epochs")
+        complete = already_complete(run_dir, saved, epochs)
+        if complete is not None:
+            print(complete)
+            return 0
         if epochs is not None:
             config["train"] = TrainConfig(**{**asdict(config["train"]), "epochs": epochs})
         data = load_data(config["data"], seed, config["model"].dtype)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
     out = args.out or run_dir
     if out.resolve() != run_dir.resolve():
         import shutil
 
-        out.mkdir(parents=True, exist_ok=True)
+        output_directory(out, "--out")
         shutil.copyfile(run_dir / CHECKPOINT, out / CHECKPOINT)
     _, metrics = train_run(config, data, out, seed=seed, probe=probe, quiet=args.quiet,
-                        resume_epochs=epochs, resume=True)
+                           resume_epochs=epochs, resume=True)
     _print_done(out, metrics)
     return 0
+
+
+def already_complete(run_dir: Path, saved: Any, epochs: int | None) -> str | None:
+    """What to say when the run of ``run_dir`` (its checkpoint ``saved``) has nothing left to
+    train for ``--epochs`` (None: the run's own count) and its outputs are written; else None.
+    Raises ValueError for an ``--epochs`` below the epochs already trained."""
+    position = saved.position
+    done = position.epoch - 1  # epochs completed (the one in progress is position.epoch)
+    if epochs is not None and epochs < done:
+        raise ValueError(f"--epochs: the run in {run_dir} has already trained {done} epochs; give "
+                         f"more than {done} to extend it")
+    target = saved.train_config.epochs if epochs is None else epochs
+    finished = position.stopped or (done >= target and position.batches_done == 0)
+    if not finished or not (run_dir / "model").is_dir() or not (run_dir / "metrics.json").is_file():
+        return None  # still to train, or trained with its outputs still to write
+    how = (f"early stopping ended it after {done} epochs" if position.stopped else
+           f"{done} of {target} epochs trained; to train longer: ksae train --resume {run_dir} "
+           f"--epochs N with N > {done}")
+    return f"{run_dir} is already complete ({how}); nothing was written"
 
 
 def _print_done(out: Path, metrics: dict[str, Any]) -> None:
