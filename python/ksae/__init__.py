@@ -26,7 +26,7 @@ from .classifier import SparseClassifier
 from .optim import SGD, Adam, RMSprop
 from .report import write_report
 from .loading import Checkpoint, load, load_checkpoint, resume
-from .interchange import export_model
+from .exporting import export_model
 from .training import Trainer, TrainingInterrupted
 from .batches import BatchSource
 

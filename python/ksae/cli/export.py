@@ -1,11 +1,12 @@
-"""``ksae export``: a saved model in SAELens's or sparsify's format (``ksae.interchange``)."""
+"""``ksae export``: a saved model in SAELens's or sparsify's format (``ksae.exporting``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..interchange import FORMATS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, export_model
+from ..exporting import export_model
+from ..interchange import FORMATS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
 from .errors import UsageError, usage_errors
 
 
